@@ -1,0 +1,67 @@
+"""EngineConfig: every engine option in one frozen, validated dataclass; unknown options raise."""
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass
+
+KV_RESERVATIONS = ("none", "request", "max_model_len")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+_UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1000, "kib": 1 << 10, "m": 1 << 20, "mb": 1000**2,
+          "mib": 1 << 20, "g": 1 << 30, "gb": 1000**3, "gib": 1 << 30}
+
+
+def parse_memory(value: str | int) -> int:
+    """'1GiB', '512MiB', '2GB', 1073741824 -> bytes."""
+    if isinstance(value, int):
+        return value
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(value))
+    if not m or m.group(2).lower() not in _UNITS:
+        raise ValueError(f"cannot read memory size {value!r}: use a number with a unit such as '512MiB' or '1GiB'")
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Options of LLM(...), LLMEngine and the CLI (as --kebab-case flags)."""
+    model: str | None = None          # HF folder or .gguf file; None: the default SmolLM2-135M-Instruct
+    tokenizer: str | None = None      # defaults to the model's own
+    dtype: str = "auto"               # auto | float32 | bfloat16 | float16
+    device: str = "cpu"               # cpu | cuda
+    block_size: int = 16              # tokens per KV cache block
+    kv_cache_memory: str | int = "1GiB"  # KV cache budget, used when num_kv_blocks is not given
+    num_kv_blocks: int | None = None  # KV cache size in blocks (overrides kv_cache_memory)
+    max_num_seqs: int = 256           # most requests running at once
+    max_num_batched_tokens: int = 2048  # token budget of one step
+    max_model_len: int | None = None  # context window; default: the model's
+    enable_prefix_caching: bool = True
+    enable_chunked_prefill: bool = True
+    kv_reservation: str = "none"      # none (paged) | request | max_model_len
+    seed: int = 0                     # seed for requests that bring none
+    num_threads: int | None = None    # torch CPU threads; None: torch's default
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if self.kv_reservation not in KV_RESERVATIONS:
+            raise ValueError(f"kv_reservation must be one of {KV_RESERVATIONS}, got {self.kv_reservation!r}")
+        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
+            raise ValueError(f"num_kv_blocks must be >= 1, got {self.num_kv_blocks}")
+        if self.max_model_len is not None and self.max_model_len < 1:
+            raise ValueError(f"max_model_len must be >= 1, got {self.max_model_len}")
+        parse_memory(self.kv_cache_memory)
+
+    @classmethod
+    def from_kwargs(cls, **kwargs) -> "EngineConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(kwargs) - known)
+        if unknown:
+            raise TypeError(f"unknown engine option(s): {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        return cls(**kwargs)
+
+    def replace(self, **changes) -> "EngineConfig":
+        return dataclasses.replace(self, **changes)

@@ -1,0 +1,65 @@
+"""The plain types that cross layers: what the scheduler hands the runner, and what users get back."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class ScheduledSequence:
+    """One sequence's work in a step, as the model runner needs it (never a Request)."""
+    request_id: str
+    token_ids: list[int]      # the new tokens to compute this step
+    start_pos: int            # position of token_ids[0] (= tokens already in the KV cache)
+    block_ids: list[int]      # the whole block table after this step's allocation
+    sample: bool              # True when this chunk reaches the end of the sequence: sample a token
+
+
+@dataclass
+class SchedulerOutput:
+    """A step's batch: decodes first, then prefill chunks; plus copy-on-write block copies."""
+    sequences: list[ScheduledSequence] = field(default_factory=list)
+    blocks_to_copy: list[tuple[int, int]] = field(default_factory=list)  # (src, dst), done before the forward
+    preempted_ids: list[str] = field(default_factory=list)
+    finished_ids: list[str] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(len(s.token_ids) for s in self.sequences)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.sequences
+
+
+@dataclass
+class Logprob:
+    logprob: float
+    rank: int | None = None
+    decoded_token: str | None = None
+
+
+@dataclass
+class CompletionOutput:
+    index: int
+    text: str
+    token_ids: list[int]
+    cumulative_logprob: float | None = None
+    # One dict per generated token: token id -> Logprob (the sampled token and the top-N)
+    logprobs: list[dict[int, Logprob]] | None = None
+    finish_reason: str | None = None  # "stop" | "length" | "abort"
+    stop_reason: int | str | None = None  # the stop string or token that ended it
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    outputs: list[CompletionOutput]
+    finished: bool
+    num_cached_tokens: int = 0
+    metrics: dict | None = None
