@@ -1,0 +1,126 @@
+"""The command line: `pagedserve serve | generate | chat | bench throughput|serve|report`."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+
+from pagedserve.config import DTYPES, KV_RESERVATIONS, EngineConfig
+
+ENGINE_HELP = {
+    "model": "Hugging Face model folder or .gguf file (default: the bundled SmolLM2-135M-Instruct)",
+    "tokenizer": "tokenizer folder, if not the model's own",
+    "dtype": f"weights and activations dtype: {' | '.join(DTYPES)} (auto: bfloat16 where the CPU has it natively)",
+    "device": "cpu or cuda",
+    "block_size": "tokens per KV cache block",
+    "kv_cache_memory": "KV cache budget, e.g. 512MiB or 1GiB (ignored if --num-kv-blocks is given)",
+    "num_kv_blocks": "KV cache size in blocks",
+    "max_num_seqs": "most requests running at once",
+    "max_num_batched_tokens": "token budget of one step (decode tokens plus prefill chunks)",
+    "max_model_len": "context window in tokens (default: the model's)",
+    "enable_prefix_caching": "share KV blocks of identical prompt prefixes between requests",
+    "enable_chunked_prefill": "split long prompts into chunks that fit the step's token budget",
+    "kv_reservation": f"KV allocation policy: {' | '.join(KV_RESERVATIONS)} (none: paged; the others reserve up front)",
+    "seed": "seed for requests that bring none",
+    "num_threads": "torch CPU threads (default: torch's choice)",
+}
+
+
+def add_engine_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("engine options")
+    for f in dataclasses.fields(EngineConfig):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type in ("bool", bool):
+            g.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=ENGINE_HELP[f.name])
+        elif f.name in ("num_kv_blocks", "max_model_len", "num_threads") or f.type in ("int", int):
+            g.add_argument(flag, type=int, default=f.default, help=ENGINE_HELP[f.name])
+        else:
+            choices = {"dtype": DTYPES, "kv_reservation": KV_RESERVATIONS}.get(f.name)
+            g.add_argument(flag, default=f.default, choices=choices, help=ENGINE_HELP[f.name])
+
+
+def engine_config(args: argparse.Namespace) -> EngineConfig:
+    return EngineConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(EngineConfig)})
+
+
+def add_sampling_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("sampling")
+    g.add_argument("--max-tokens", type=int, default=128, help="most tokens to generate")
+    g.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
+    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass")
+    g.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0: all)")
+    g.add_argument("--seed", dest="sampling_seed", type=int, default=None, help="per-request sampling seed")
+
+
+def sampling_params(args: argparse.Namespace):
+    from pagedserve.sampling_params import SamplingParams
+    return SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                          top_k=args.top_k, seed=args.sampling_seed)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from pagedserve.llm import LLM
+    llm = LLM(**dataclasses.asdict(engine_config(args)))
+    params = sampling_params(args)
+    if args.chat_template:
+        outs = llm.chat([[{"role": "user", "content": p}] for p in args.prompts], params, use_tqdm=False)
+    else:
+        outs = llm.generate(args.prompts, params, use_tqdm=False)
+    for prompt, out in zip(args.prompts, outs):
+        print(f"--- {prompt!r}\n{out.outputs[0].text}")
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from pagedserve.chat import interactive_chat
+    return interactive_chat(engine_config(args), sampling_params(args), system=args.system)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from pagedserve.server.app import run_server
+    return run_server(args, engine_config(args))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pagedserve", description="LLM inference and serving with a paged KV cache")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("generate", help="generate completions for prompts and print them")
+    p.add_argument("prompts", nargs="+", help="prompt texts")
+    p.add_argument("--chat-template", action=argparse.BooleanOptionalAction, default=True,
+                   help="wrap each prompt as a user message in the model's chat template")
+    add_sampling_args(p)
+    add_engine_args(p)
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("chat", help="interactive terminal chat that streams tokens")
+    p.add_argument("--system", default=None, help="system prompt")
+    add_sampling_args(p)
+    p.set_defaults(max_tokens=512)
+    add_engine_args(p)
+    p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("serve", help="the OpenAI-compatible HTTP server")
+    from pagedserve.server.args import add_server_args
+    add_server_args(p)
+    add_engine_args(p)
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("bench", help="benchmarks: throughput, serve, report")
+    bench = p.add_subparsers(dest="bench_command", required=True)
+    from pagedserve.bench import cli as bench_cli
+    bench_cli.add_subcommands(bench, add_engine_args)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args) or 0
+    except (ValueError, FileNotFoundError) as e:
+        print(f"pagedserve: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

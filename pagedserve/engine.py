@@ -1,0 +1,273 @@
+"""LLMEngine: add_request / step / abort_request over the scheduler, the model runner and the sampler.
+
+A user request with n > 1 is one group of n sequences: the prompt is computed once by
+sample 0, and when its first token is sampled the other samples fork from it (sharing
+every block, copy-on-write where they diverge inside one).
+"""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from pagedserve.config import EngineConfig, parse_memory
+from pagedserve.kv_cache import KVCacheManager
+from pagedserve.model.loader import load_model
+from pagedserve.outputs import CompletionOutput, Logprob, RequestOutput
+from pagedserve.request import Request, RequestStatus
+from pagedserve.runner import ModelRunner, kv_bytes_per_block
+from pagedserve.sampler import SamplingBatch, sample
+from pagedserve.sampling_params import SamplingParams
+from pagedserve.scheduler import Scheduler, SchedulerConfig
+from pagedserve.tokenizer import OutputText, encode_prompt
+
+
+@dataclass(eq=False)
+class _Sample:
+    """One of the n sequences of a request, with its text state."""
+    seq: Request
+    out: OutputText
+    generator: torch.Generator | None
+    text: str = ""  # the text emitted so far (stop strings and held-back tails excluded)
+    text_sent: int = 0
+    tokens_sent: int = 0
+    logprobs: list[dict[int, Logprob]] = field(default_factory=list)
+    cumulative_logprob: float = 0.0
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+
+
+@dataclass(eq=False)
+class _Group:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    samples: list[_Sample]
+    forked: bool = False
+    arrival_time: float = 0.0
+    first_token_time: float | None = None
+    last_token_time: float | None = None
+
+    @property
+    def finished(self) -> bool:
+        return all(s.finish_reason is not None for s in self.samples)
+
+
+def _kv_num_blocks(config: EngineConfig, mc, dtype: torch.dtype) -> int:
+    if config.num_kv_blocks is not None:
+        return config.num_kv_blocks
+    per_block = kv_bytes_per_block(mc.num_hidden_layers, mc.num_key_value_heads, mc.head_dim, config.block_size, dtype)
+    n = parse_memory(config.kv_cache_memory) // per_block
+    if n < 1:
+        raise ValueError(f"kv_cache_memory={config.kv_cache_memory!r} holds no block of {per_block} bytes")
+    return n
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig | None = None, **kwargs) -> None:
+        config = config or EngineConfig.from_kwargs(**kwargs)
+        self.config = config
+        if config.num_threads:
+            torch.set_num_threads(config.num_threads)
+        loaded = load_model(config.model, dtype=config.dtype, device=config.device)
+        self.loaded = loaded
+        self.tokenizer = loaded.tokenizer
+        self.model_config = mc = loaded.config
+        self.model_name = loaded.name
+        self.dtype = loaded.dtype
+        self.max_model_len = min(config.max_model_len or mc.context_len, mc.context_len)
+        num_blocks = _kv_num_blocks(config, mc, loaded.dtype)
+        self.kv_cache = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching,
+                                       config.kv_reservation, self.max_model_len)
+        self.scheduler = Scheduler(SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens,
+                                                   self.max_model_len, config.enable_chunked_prefill), self.kv_cache)
+        self.runner = ModelRunner(loaded.model, mc.num_hidden_layers, mc.num_key_value_heads, mc.head_dim,
+                                  num_blocks, config.block_size, loaded.dtype, config.device)
+        self.eos_token_ids = set(mc.eos_token_ids)
+        self.generator = torch.Generator().manual_seed(config.seed)
+        self.groups: dict[str, _Group] = {}
+        self._seq_owner: dict[str, tuple[_Group, _Sample]] = {}
+        self._ids = itertools.count()
+        self.num_prompt_tokens = 0
+        self.num_generation_tokens = 0
+        self.num_steps = 0
+
+    # ---- requests -------------------------------------------------------------------------
+    def add_request(self, request_id: str | None, prompt: str | list[int] | dict,
+                    params: SamplingParams | None = None, cache_salt: str | None = None,
+                    arrival_time: float | None = None) -> str:
+        """Queue a request; raises ValueError if it is malformed or could never fit."""
+        params = params or SamplingParams()
+        request_id = str(next(self._ids)) if request_id is None else request_id
+        if request_id in self.groups:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        text, token_ids = self._prompt_tokens(prompt)
+        if params.max_tokens is None:  # up to the context window
+            params = dataclasses.replace(params, max_tokens=max(1, self.max_model_len - len(token_ids)))
+        vocab = self.model_config.vocab_size
+        if any(not 0 <= t < vocab for t in token_ids):
+            raise ValueError(f"prompt token ids must be in [0, {vocab})")
+        samples = []
+        for i in range(params.n):
+            rid = request_id if i == 0 else f"{request_id}#{i}"
+            seq = Request(rid, token_ids, params, cache_salt=cache_salt, sample_index=i,
+                          parent_id=None if i == 0 else request_id)
+            gen = None
+            if params.seed is not None:
+                gen = torch.Generator().manual_seed(params.seed + i)
+            samples.append(_Sample(seq, OutputText(self.tokenizer, params, token_ids), gen))
+        self.scheduler.add_request(samples[0].seq)  # validates the length against window and pool
+        group = _Group(request_id, text, token_ids, params, samples, forked=params.n == 1,
+                       arrival_time=arrival_time or time.monotonic())
+        self.groups[request_id] = group
+        for s in samples:
+            self._seq_owner[s.seq.request_id] = (group, s)
+        self.num_prompt_tokens += len(token_ids)
+        return request_id
+
+    def _prompt_tokens(self, prompt) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, dict):
+            if "prompt_token_ids" in prompt:
+                return prompt.get("prompt"), [int(t) for t in prompt["prompt_token_ids"]]
+            prompt = prompt.get("prompt")
+        if isinstance(prompt, str):
+            return prompt, encode_prompt(self.tokenizer, prompt)
+        if isinstance(prompt, (list, tuple)) and all(isinstance(t, int) for t in prompt):
+            return None, list(prompt)
+        raise ValueError("a prompt is a string, a list of token ids, or {'prompt_token_ids': [...]}")
+
+    def abort_request(self, request_id: str | list[str]) -> None:
+        for rid in [request_id] if isinstance(request_id, str) else request_id:
+            group = self.groups.pop(rid, None)
+            if group is None:
+                continue
+            for s in group.samples:
+                self._seq_owner.pop(s.seq.request_id, None)
+                if not s.seq.status.finished:
+                    self.scheduler.finish(s.seq, RequestStatus.FINISHED_ABORTED)
+                s.finish_reason = s.finish_reason or "abort"
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.groups)
+
+    def get_num_unfinished_requests(self) -> int:
+        return len(self.groups)
+
+    # ---- one step -------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        """Schedule, run the model, sample; returns the new tokens and text of each request that moved."""
+        sched = self.scheduler.schedule()
+        if sched.is_empty:
+            return []
+        self.num_steps += 1
+        logits = self.runner.execute(sched)
+        rows: list[tuple[_Group, _Sample]] = []
+        row_index: list[int] = []
+        for j, seq in enumerate(s for s in sched.sequences if s.sample):
+            group, first = self._seq_owner[seq.request_id]
+            rows.append((group, first))
+            row_index.append(j)
+            if not group.forked:  # the prompt is done: the other samples share its blocks from here
+                group.forked = True
+                for child in group.samples[1:]:
+                    self.scheduler.add_forked(first.seq, child.seq)
+                    rows.append((group, child))
+                    row_index.append(j)
+        if len(row_index) != logits.shape[0]:
+            logits = logits[torch.tensor(row_index)]
+        result = sample(logits, self._sampling_batch(rows))
+        now = time.monotonic()
+        moved: dict[str, _Group] = {}
+        for r, (group, s) in enumerate(rows):
+            token = result.token_ids[r]
+            s.seq.append_output_token(token)
+            self.num_generation_tokens += 1
+            if result.logprobs is not None and result.logprobs[r] is not None:
+                entry = result.logprobs[r].as_dict()
+                for tid, lp in entry.items():
+                    lp.decoded_token = self.tokenizer.decode([tid])
+                s.logprobs.append(entry)
+                s.cumulative_logprob += entry[token].logprob
+            self._check_stop(group, s, token)
+            group.first_token_time = group.first_token_time or now
+            group.last_token_time = now
+            moved[group.request_id] = group
+        return [self._make_output(g) for g in moved.values()]
+
+    def _sampling_batch(self, rows: list[tuple[_Group, _Sample]]) -> SamplingBatch:
+        banned = []
+        for g, s in rows:
+            p = g.params
+            ban = []
+            if s.seq.num_output_tokens < p.min_tokens:
+                ban = sorted(self.eos_token_ids | set(p.stop_token_ids))
+            banned.append(ban)
+        return SamplingBatch.build(
+            [g.params for g, _ in rows], [s.seq.output_token_ids for _, s in rows],
+            [g.prompt_token_ids for g, _ in rows], [s.generator for _, s in rows],
+            vocab_size=self.model_config.vocab_size, banned_token_ids=banned, generator=self.generator)
+
+    def _check_stop(self, group: _Group, s: _Sample, token: int) -> None:
+        p, seq = group.params, s.seq
+        n_out = seq.num_output_tokens
+        reason = stop_reason = None
+        is_eos = token in self.eos_token_ids and not p.ignore_eos
+        # min_tokens holds through the sampler, which bans EOS and stop tokens until then (vLLM's meaning).
+        if is_eos or token in p.stop_token_ids:
+            reason, stop_reason = "stop", (None if is_eos else token)
+        if reason is None:  # a stop token's text is not part of the output
+            delta = s.out.append(token)
+            s.text += delta.text
+            if delta.stop_str is not None:
+                reason, stop_reason = "stop", delta.stop_str
+        if reason is None and (n_out >= p.max_tokens or seq.num_tokens >= self.max_model_len):
+            reason = "length"
+        if reason is not None:
+            if stop_reason is None or isinstance(stop_reason, int):
+                s.text += s.out.finish()
+            s.finish_reason, s.stop_reason = reason, stop_reason
+            self.scheduler.finish(seq, RequestStatus.FINISHED_STOPPED if reason == "stop" else RequestStatus.FINISHED_LENGTH)
+
+    def _make_output(self, g: _Group) -> RequestOutput:
+        outs = []
+        for i, s in enumerate(g.samples):
+            tokens = s.seq.output_token_ids
+            if len(tokens) == s.tokens_sent and len(s.text) == s.text_sent and s.finish_reason is None:
+                continue
+            outs.append(CompletionOutput(
+                index=i, text=s.text[s.text_sent:], token_ids=tokens[s.tokens_sent:],
+                cumulative_logprob=s.cumulative_logprob if g.params.logprobs is not None else None,
+                logprobs=s.logprobs[s.tokens_sent:] if g.params.logprobs is not None else None,
+                finish_reason=s.finish_reason, stop_reason=s.stop_reason))
+            s.text_sent, s.tokens_sent = len(s.text), len(tokens)
+        finished = g.finished
+        if finished:
+            self.groups.pop(g.request_id, None)
+            for s in g.samples:
+                self._seq_owner.pop(s.seq.request_id, None)
+        return RequestOutput(
+            request_id=g.request_id, prompt=g.prompt, prompt_token_ids=g.prompt_token_ids, outputs=outs,
+            finished=finished, num_cached_tokens=max(g.samples[0].seq.num_cached_tokens, 0),
+            metrics={"arrival_time": g.arrival_time, "first_token_time": g.first_token_time,
+                     "last_token_time": g.last_token_time})
+
+    # ---- introspection ----------------------------------------------------------------------
+    def live_requests(self) -> list[Request]:
+        return [s.seq for g in self.groups.values() for s in g.samples]
+
+    def check_invariants(self) -> None:
+        self.kv_cache.check_invariants(self.scheduler.running)
+
+    def stats(self) -> dict:
+        out = self.kv_cache.stats()
+        out.update(num_preemptions=self.scheduler.num_preemptions,
+                   num_requests_running=len(self.scheduler.running),
+                   num_requests_waiting=len(self.scheduler.waiting),
+                   prompt_tokens=self.num_prompt_tokens, generation_tokens=self.num_generation_tokens,
+                   num_steps=self.num_steps)
+        return out
+

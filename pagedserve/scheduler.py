@@ -1,0 +1,137 @@
+"""The scheduler: one token budget per step, running requests first, then waiting ones in chunks.
+
+There is no prefill phase: a request's num_computed_tokens catches up with its token
+count, a chunk at a time. When the pool has no block for a running request, the most
+recently admitted request is preempted by recompute (blocks freed, back to the head of
+the queue); it resumes later, usually from its own blocks still in the prefix cache.
+"""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+from pagedserve.kv_cache import KVCacheManager
+from pagedserve.kv_cache.manager import cdiv
+from pagedserve.outputs import ScheduledSequence, SchedulerOutput
+from pagedserve.request import Request, RequestStatus
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 2048
+    max_model_len: int = 2048
+    enable_chunked_prefill: bool = True
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, kv_cache: KVCacheManager) -> None:
+        self.config = config
+        self.kv_cache = kv_cache
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.num_preemptions = 0
+
+    # ---- requests in and out ----------------------------------------------------------------
+    def check_request(self, request: Request) -> None:
+        """Raise ValueError for a request that could never run (it would block the queue forever)."""
+        n, limit = request.num_prompt_tokens, self.config.max_model_len
+        if n == 0:
+            raise ValueError("the prompt is empty")
+        max_tokens = request.max_tokens or 0
+        if n + max_tokens > limit:
+            raise ValueError(f"this model's maximum context length is {limit} tokens, but the request has "
+                             f"{n} prompt tokens and asks for {max_tokens} completion tokens ({n + max_tokens} in all)")
+        B, pool = self.kv_cache.block_size, self.kv_cache.pool.num_blocks
+        needed = max(cdiv(n + max_tokens, B), self.kv_cache._reserved_blocks(request))
+        if needed > pool:
+            raise ValueError(f"the request needs {needed} KV cache blocks ({n} prompt + {max_tokens} completion "
+                             f"tokens), more than the whole pool of {pool} blocks of {B} tokens")
+
+    def add_request(self, request: Request) -> None:
+        self.check_request(request)
+        request.status = RequestStatus.WAITING
+        self.waiting.append(request)
+
+    def add_forked(self, parent: Request, child: Request) -> None:
+        """A parallel sample that shares the parent's blocks; it runs from now on as its own request."""
+        child.all_token_ids = list(parent.all_token_ids)
+        child.num_computed_tokens = parent.num_computed_tokens
+        self.kv_cache.fork(parent, child)
+        child.status = RequestStatus.RUNNING
+        self.running.append(child)
+
+    def finish(self, request: Request, status: RequestStatus) -> None:
+        """Finish or abort a request wherever it is; its blocks return to the pool."""
+        if request in self.running:
+            self.running.remove(request)
+        elif request in self.waiting:
+            self.waiting.remove(request)
+        request.status = status
+        self.kv_cache.free(request)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    # ---- one step -------------------------------------------------------------------------
+    def schedule(self) -> SchedulerOutput:
+        budget = self.config.max_num_batched_tokens
+        scheduled: list[tuple[Request, int]] = []
+        preempted: list[str] = []
+
+        i = 0
+        while i < len(self.running) and budget > 0:
+            req = self.running[i]
+            n = min(req.num_tokens - req.num_computed_tokens, budget)
+            while self.kv_cache.allocate_slots(req, n) is None:
+                victim = self.running.pop()  # the most recently admitted: not scheduled yet this step
+                self._preempt(victim)
+                preempted.append(victim.request_id)
+                if victim is req:
+                    break
+            else:
+                scheduled.append((req, n))
+                budget -= n
+                i += 1
+                continue
+            break  # the request itself was preempted: nothing after it is left
+
+        # Admit waiting requests only when nobody had to be preempted this step.
+        while not preempted and self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            req = self.waiting[0]
+            hits, num_hit = self.kv_cache.get_computed_blocks(req)
+            n = req.num_tokens - num_hit
+            if n > budget and not self.config.enable_chunked_prefill:
+                break
+            n = min(n, budget)
+            if self.kv_cache.allocate_slots(req, n, hits) is None:
+                break
+            self.waiting.popleft()
+            req.num_computed_tokens = num_hit
+            if req.num_cached_tokens < 0:
+                req.num_cached_tokens = num_hit
+            req.status = RequestStatus.RUNNING
+            self.running.append(req)
+            scheduled.append((req, n))
+            budget -= n
+
+        out = SchedulerOutput(blocks_to_copy=self.kv_cache.take_blocks_to_copy(), preempted_ids=preempted)
+        # Decodes first, then prefill chunks: the attention op takes the decode rows in one batch.
+        scheduled.sort(key=lambda rn: rn[1] != 1)
+        for req, n in scheduled:
+            start = req.num_computed_tokens
+            out.sequences.append(ScheduledSequence(
+                request_id=req.request_id, token_ids=req.all_token_ids[start:start + n], start_pos=start,
+                block_ids=self.kv_cache.get_block_ids(req.request_id), sample=start + n == req.num_tokens))
+            req.num_computed_tokens += n
+        if scheduled:
+            self.kv_cache.record_step()
+        return out
+
+    def _preempt(self, req: Request) -> None:
+        self.kv_cache.free(req)
+        req.num_computed_tokens = 0
+        req.status = RequestStatus.PREEMPTED
+        req.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(req)
