@@ -179,7 +179,8 @@ class LLMEngine:
                     row_index.append(j)
         if len(row_index) != logits.shape[0]:
             logits = logits[torch.tensor(row_index)]
-        result = sample(logits, self._sampling_batch(rows))
+        with torch.inference_mode():  # the logits are inference tensors: the sampler edits them in place
+            result = sample(logits, self._sampling_batch(rows))
         now = time.monotonic()
         moved: dict[str, _Group] = {}
         for r, (group, s) in enumerate(rows):

@@ -1,0 +1,189 @@
+"""`pagedserve bench throughput | serve` (and, for issue 6, `report`).
+
+pagedserve.cli calls add_subcommands(bench_subparsers, add_engine_args); each subcommand
+sets func(args) -> exit code.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+
+from pagedserve.bench.flops import BF16_PEAK_GFLOPS
+from pagedserve.bench.results import fmt, format_table, result_header, save_result
+from pagedserve.bench.workload import load_workload, workload_summary
+
+
+def add_subcommands(sub, add_engine_args) -> None:
+    _add_throughput(sub, add_engine_args)
+    _add_serve(sub)
+    # issue 6: `bench report` registers here, e.g. report.add_subcommand(sub, add_engine_args);
+    # it can reuse throughput.run_engine_config, hf_baseline.run_hf_baseline and serve.run_serve_benchmark.
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
+# ---- throughput -----------------------------------------------------------------------------
+def _add_throughput(sub, add_engine_args) -> None:
+    p = sub.add_parser("throughput", help="offline throughput of the engine on a workload, against baselines",
+                       description="Submit every request of a workload at once and step the engine to the end; "
+                                   "optionally compare with transformers' static batching and with the "
+                                   "contiguous-cache reservation policy, side by side in one process.")
+    p.add_argument("--workload", required=True, help="workload .jsonl from shared/bench/workload.py")
+    p.add_argument("--num-requests", type=int, default=None, help="use only the first N requests")
+    p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (0: greedy, as the baseline)")
+    p.add_argument("--baseline", choices=["hf"], default=None,
+                   help="also run Hugging Face transformers' generate with static batches")
+    p.add_argument("--hf-batch-sizes", type=_int_list, default=[1, 8, 32],
+                   help="static batch sizes for --baseline hf, comma-separated (the best is compared)")
+    p.add_argument("--compare-reservation", action="store_true",
+                   help="run the engine under kv_reservation none and max_model_len at the same KV memory")
+    p.add_argument("--peak-gflops", type=float, default=BF16_PEAK_GFLOPS,
+                   help="the machine's matrix peak in GFLOP/s, printed for orientation")
+    p.add_argument("--save-result", default=None, help="write every number, the machine, date and command to this JSON file")
+    p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    add_engine_args(p)
+    p.set_defaults(func=cmd_throughput)
+
+
+def _engine_policies(configured: str, compare: bool) -> list[str]:
+    if not compare:
+        return [configured]
+    return [configured] + [k for k in ("none", "max_model_len") if k != configured]
+
+
+def cmd_throughput(args) -> int:
+    from pagedserve.bench.throughput import run_engine_config
+    from pagedserve.cli import engine_config
+
+    items = load_workload(args.workload, args.num_requests)
+    config = engine_config(args)
+    result = {**result_header(args), "workload": {"file": args.workload, **workload_summary(items)},
+              "temperature": args.temperature, "peak_gflops": args.peak_gflops, "engine_runs": []}
+    for policy in _engine_policies(config.kv_reservation, args.compare_reservation):
+        r = run_engine_config(config.replace(kv_reservation=policy), items, args.temperature, not args.quiet)
+        result["engine_runs"].append(r)
+        _check_counts(r)
+    if args.baseline == "hf":
+        from pagedserve.bench.hf_baseline import run_hf_baseline
+        from pagedserve.model.loader import default_model_path, resolve_dtype
+        model_path = config.model or default_model_path()
+        dtype = resolve_dtype(config.dtype, config.device)
+        result["hf"] = run_hf_baseline(model_path, dtype, items, args.hf_batch_sizes, not args.quiet)
+    result["ratios"] = throughput_ratios(result)
+    print(format_throughput(result))
+    if args.save_result:
+        save_result(args.save_result, result)
+        print(f"saved {args.save_result}")
+    return 0
+
+
+def _check_counts(r: dict) -> None:
+    if r["output_tokens"] != r["expected_output_tokens"]:
+        raise RuntimeError(f"the engine generated {r['output_tokens']} output tokens where the workload asks "
+                           f"{r['expected_output_tokens']} (ignore_eos): the numbers would not be comparable")
+
+
+def throughput_ratios(result: dict) -> dict:
+    """Output tokens/s of the first engine run over each baseline measured in the same process."""
+    runs = result["engine_runs"]
+    ours = runs[0]
+    ratios = {}
+    by_policy = {r["kv_reservation"]: r for r in runs}
+    if "none" in by_policy and "max_model_len" in by_policy:
+        ratios["paged_over_max_model_len_reservation"] = (by_policy["none"]["output_tokens_per_s"]
+                                                          / by_policy["max_model_len"]["output_tokens_per_s"])
+    if "hf" in result:
+        ratios["ours_over_hf_best_static"] = ours["output_tokens_per_s"] / result["hf"]["best"]["output_tokens_per_s"]
+        ratios["hf_best_batch_size"] = result["hf"]["best"]["batch_size"]
+    return ratios
+
+
+def format_throughput(result: dict) -> str:
+    peak = result["peak_gflops"]
+    w = result["workload"]
+    head = (f"workload {w['file']}: {w['num_requests']} requests, {w['prompt_tokens']:,} prompt tokens, "
+            f"{w['output_tokens']:,} output tokens (ignore_eos, temperature {result['temperature']:g})")
+    rows = []
+    for r in result["engine_runs"]:
+        rows.append([f"pagedserve kv_reservation={r['kv_reservation']}", r["elapsed_s"], r["requests_per_s"],
+                     r["output_tokens_per_s"], r["total_tokens_per_s"], r["gflop_per_s"],
+                     f"{100 * r['gflop_per_s'] / peak:.1f}%", f"{r['kv_blocks_peak']}/{r['num_kv_blocks']}",
+                     f"{100 * r['kv_utilization_mean']:.1f}%", r["mean_running_requests"], r["num_preemptions"],
+                     f"{100 * r['prefix_hit_rate']:.1f}%"])
+    for r in result.get("hf", {}).get("runs", []):
+        rows.append([f"transformers static batch {r['batch_size']}", r["elapsed_s"], r["requests_per_s"],
+                     r["output_tokens_per_s"], r["total_tokens_per_s"], r["gflop_per_s"],
+                     f"{100 * r['gflop_per_s'] / peak:.1f}%", "-", "-", float(r["batch_size"]), "-", "-"])
+    table = format_table(["run", "time s", "req/s", "out tok/s", "total tok/s", "GFLOP/s", "of peak",
+                          "peak KV blocks", "KV util", "mean running", "preempt", "prefix hit"], rows)
+    lines = [head, table, f"(GFLOP/s: useful model FLOPs / time; the bf16 matrix peak of this machine is about "
+                          f"{peak:g} GFLOP/s, not measured here)"]
+    ratios = result["ratios"]
+    if "paged_over_max_model_len_reservation" in ratios:
+        lines.append(f"paged (none) / contiguous (max_model_len) reservation, same KV memory: "
+                     f"{ratios['paged_over_max_model_len_reservation']:.2f}x output tokens/s")
+    if "ours_over_hf_best_static" in ratios:
+        lines.append(f"pagedserve ({result['engine_runs'][0]['kv_reservation']}) / transformers best static batch "
+                     f"({ratios['hf_best_batch_size']}): {ratios['ours_over_hf_best_static']:.2f}x output tokens/s")
+    return "\n".join(lines)
+
+
+# ---- serve ----------------------------------------------------------------------------------
+def _add_serve(sub) -> None:
+    p = sub.add_parser("serve", help="load-test an OpenAI-compatible server with a workload",
+                       description="Send a workload's requests to /v1/completions (token-id prompts, exact output "
+                                   "lengths, streaming) with Poisson arrivals and a concurrency cap; report "
+                                   "throughput and TTFT / TPOT / ITL / end-to-end latency as vLLM's bench serve does.")
+    p.add_argument("--base-url", required=True, help="server root, e.g. http://127.0.0.1:8000")
+    p.add_argument("--endpoint", default="/v1/completions", help="completions path")
+    p.add_argument("--workload", required=True, help="workload .jsonl from shared/bench/workload.py")
+    p.add_argument("--num-requests", type=int, default=None, help="use only the first N requests")
+    p.add_argument("--max-concurrency", type=int, default=None, help="most requests in flight (default: no cap)")
+    p.add_argument("--request-rate", type=float, default=math.inf,
+                   help="mean requests per second, Poisson arrivals (default inf: all at once)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the arrival times")
+    p.add_argument("--model", default=None, help="model name to send (default: the first of /v1/models)")
+    p.add_argument("--api-key", default=None, help="bearer token for the server")
+    p.add_argument("--percentiles", type=_int_list, default=[50, 90, 99], help="latency percentiles to report")
+    p.add_argument("--save-result", default=None, help="write every number, the machine, date and command to this JSON file")
+    p.set_defaults(func=cmd_serve)
+
+
+def cmd_serve(args) -> int:
+    from pagedserve.bench.serve import run_serve_benchmark
+    items = load_workload(args.workload, args.num_requests)
+    r = run_serve_benchmark(args.base_url, items, endpoint=args.endpoint, model=args.model, api_key=args.api_key,
+                            request_rate=args.request_rate, max_concurrency=args.max_concurrency, seed=args.seed,
+                            percentiles=tuple(args.percentiles), progress=True)
+    result = {**result_header(args), "workload": {"file": args.workload, **workload_summary(items)}, **r}
+    print(format_serve(result, args.percentiles))
+    if args.save_result:
+        save_result(args.save_result, result)
+        print(f"saved {args.save_result}")
+    return 0 if result["completed"] else 1
+
+
+def format_serve(r: dict, percentiles=(50, 90, 99)) -> str:
+    lines = [f"server {r['base_url']}{r['endpoint']} model={r['model']} request_rate={r['request_rate']} "
+             f"max_concurrency={r['max_concurrency']}",
+             f"completed {r['completed']}, failed {r['failed']}, duration {r['duration_s']:.2f} s",
+             f"request throughput {r['request_throughput']:.3f} req/s, output {r['output_throughput']:.1f} tok/s, "
+             f"total {r['total_token_throughput']:.1f} tok/s "
+             f"({r['total_input_tokens']:,} input, {r['total_output_tokens']:,} output tokens)",
+             f"normalized latency (mean e2e / output tokens): {fmt(r['mean_normalized_latency_s_per_token'], 4)} s/token"]
+    rows = []
+    for name, label in (("ttft", "TTFT"), ("tpot", "TPOT"), ("itl", "ITL"), ("e2el", "E2E latency")):
+        rows.append([f"{label} ms", r[f"mean_{name}_ms"], r[f"median_{name}_ms"]]
+                    + [r[f"p{p:g}_{name}_ms"] for p in percentiles])
+    lines.append(format_table(["metric", "mean", "median"] + [f"p{p:g}" for p in percentiles], rows))
+    for e in r.get("errors", [])[:3]:
+        lines.append(f"error: {e}")
+    return "\n".join(lines)

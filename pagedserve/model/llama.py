@@ -1,0 +1,210 @@
+"""The LLaMA family (LLaMA, Mistral, Qwen2, SmolLM) over a flat, unpadded token batch.
+
+The forward sees tokens, positions, the paged KV caches and AttentionMetadata, never a
+request. Checkpoint tensors arrive under Hugging Face names; `load_weights` fuses q/k/v
+and gate/up into single matmuls (one GEMM instead of three, and of two) at load time.
+"""
+from __future__ import annotations
+
+import math
+from typing import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pagedserve.attention import AttentionMetadata, paged_attention
+from pagedserve.model.config import ModelConfig
+
+KVCache = tuple[torch.Tensor, torch.Tensor]  # k_cache, v_cache: [num_blocks, block_size, Hkv, D]
+
+
+def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
+    """Inverse rotary frequencies [D/2] in float32, with the config's scaling applied
+    (computed as transformers does, so float32 results match bit for bit)."""
+    d = cfg.head_dim
+    inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64, device="cpu").float() / d))
+    s = cfg.rope_scaling or {}
+    kind = s.get("rope_type", "default")
+    if kind == "linear":
+        inv = inv / s["factor"]
+    elif kind == "llama3":
+        # Long wavelengths are slowed by `factor`, short ones kept, the band between interpolated.
+        factor, lo, hi = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
+        old_len = s["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv
+        scaled = torch.where(wavelen > old_len / lo, inv / factor, inv)
+        smooth = (old_len / wavelen - lo) / (hi - lo)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = ~(wavelen < old_len / hi) * ~(wavelen > old_len / lo)
+        inv = torch.where(medium, smoothed, scaled)
+    if cfg.rope_freq_factors is not None:
+        inv = inv / torch.tensor(cfg.rope_freq_factors, dtype=torch.float32, device="cpu")
+    return inv
+
+
+def rope_table(cfg: ModelConfig) -> torch.Tensor:
+    """[max_position_embeddings, D]: cos of every position's angles in the first half, sin in the second."""
+    pos = torch.arange(cfg.max_position_embeddings, dtype=torch.float32, device="cpu")
+    freqs = pos[:, None] * rope_inv_freq(cfg)[None, :]  # [P, D/2]
+    return torch.cat((freqs.cos(), freqs.sin()), dim=-1)
+
+
+def apply_rope_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
+    """Rotate x in place, halves layout (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin).
+
+    x: [T, heads, D] (may be a strided view); cos, sin: [T, 1, D/2].
+    """
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    x2_sin = x2 * sin
+    x2.mul_(cos).addcmul_(x1, sin)
+    x1.mul_(cos).sub_(x2_sin)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x: [T, H]. Statistics in float32 whatever the run dtype, as the reference does.
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.q_size = self.num_heads * self.head_dim
+        self.kv_size = self.num_kv_heads * self.head_dim
+        self.qkv_proj = nn.Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.attention_bias)
+        self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=cfg.o_proj_bias)
+        self.scale = self.head_dim ** -0.5
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_cache: KVCache,
+                meta: AttentionMetadata) -> torch.Tensor:
+        t = x.shape[0]
+        qkv = self.qkv_proj(x)  # [T, (Hq + 2 Hkv) D]
+        # Rotate q and k together, in place in the fresh qkv buffer: no copies.
+        qk = qkv[:, :self.q_size + self.kv_size].view(t, self.num_heads + self.num_kv_heads, self.head_dim)
+        apply_rope_(qk, cos, sin)
+        q = qk[:, :self.num_heads]                                              # [T, Hq, D]
+        k = qk[:, self.num_heads:]                                              # [T, Hkv, D]
+        v = qkv[:, self.q_size + self.kv_size:].view(t, self.num_kv_heads, self.head_dim)  # [T, Hkv, D]
+        o = paged_attention(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale)  # [T, Hq, D]
+        return self.o_proj(o.reshape(t, self.q_size))  # [T, H]
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.intermediate_size = cfg.intermediate_size
+        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate_up = self.gate_up_proj(x)  # [T, 2I]
+        h = F.silu(gate_up[:, :self.intermediate_size])  # [T, I]
+        h.mul_(gate_up[:, self.intermediate_size:])  # SwiGLU
+        return self.down_proj(h)  # [T, H]
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_cache: KVCache,
+                meta: AttentionMetadata) -> torch.Tensor:
+        # x: [T, H], owned by the model's forward, so the residual adds happen in place.
+        x.add_(self.self_attn(self.input_layernorm(x), cos, sin, kv_cache, meta))
+        x.add_(self.mlp(self.post_attention_layernorm(x)))
+        return x
+
+
+class LlamaForCausalLM(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        # Computed once in float32, then cast with the model (`.to(dtype)`), as the reference casts cos/sin.
+        self.register_buffer("rope_cos_sin", rope_table(cfg), persistent=False)  # [P, D]
+
+    @torch.inference_mode()
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[KVCache],
+                meta: AttentionMetadata) -> torch.Tensor:
+        """input_ids, positions: [T] int64 -> final-normed hidden states [T, H]."""
+        if len(kv_caches) != len(self.layers):
+            raise ValueError(f"expected {len(self.layers)} (k_cache, v_cache) pairs, got {len(kv_caches)}")
+        x = self.embed_tokens(input_ids)  # [T, H]
+        cos_sin = self.rope_cos_sin[positions].unsqueeze(1)  # [T, 1, D]
+        half = cos_sin.shape[-1] // 2
+        cos, sin = cos_sin[..., :half], cos_sin[..., half:]  # [T, 1, D/2] each
+        for layer, kv_cache in zip(self.layers, kv_caches):
+            x = layer(x, cos, sin, kv_cache, meta)
+        return self.norm(x)
+
+    @torch.inference_mode()
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden: [n, H] -> logits [n, V] in float32."""
+        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        return F.linear(hidden, weight).float()
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Take tensors under Hugging Face names (already in the run dtype and device), fuse
+        q/k/v and gate/up, and install them. Raises on unknown, missing or misshapen tensors."""
+        state = fuse_hf_weights(self.config, weights)
+        expected = dict(self.named_parameters())
+        missing = sorted(set(expected) - set(state))
+        unknown = sorted(set(state) - set(expected))
+        if missing or unknown:
+            raise ValueError(f"checkpoint does not fit {self.config.architecture}: "
+                             f"missing {missing[:8]}{'...' if len(missing) > 8 else ''}, "
+                             f"unexpected {unknown[:8]}{'...' if len(unknown) > 8 else ''}")
+        for name, tensor in state.items():
+            if tensor.shape != expected[name].shape:
+                raise ValueError(f"tensor {name} has shape {tuple(tensor.shape)}, expected {tuple(expected[name].shape)}")
+        self.load_state_dict(state, strict=True, assign=True)
+
+
+# HF name inside a layer -> (our fused parameter, its slot in the fusion order)
+_FUSED = {
+    "self_attn.q_proj": ("self_attn.qkv_proj", 0), "self_attn.k_proj": ("self_attn.qkv_proj", 1),
+    "self_attn.v_proj": ("self_attn.qkv_proj", 2),
+    "mlp.gate_proj": ("mlp.gate_up_proj", 0), "mlp.up_proj": ("mlp.gate_up_proj", 1),
+}
+_FUSED_PARTS = {"self_attn.qkv_proj": 3, "mlp.gate_up_proj": 2}
+
+
+def fuse_hf_weights(cfg: ModelConfig, weights: Iterable[tuple[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """HF checkpoint names -> our parameter names, concatenating the fused projections."""
+    state: dict[str, torch.Tensor] = {}
+    parts: dict[str, list[torch.Tensor | None]] = {}
+    for name, tensor in weights:
+        if name.endswith("rotary_emb.inv_freq"):
+            continue  # a buffer older checkpoints saved; we compute it
+        if name == "lm_head.weight" and cfg.tie_word_embeddings:
+            continue  # some tied checkpoints store the copy anyway
+        name = name.removeprefix("model.")
+        fields = name.split(".")
+        if fields[0] == "layers" and len(fields) == 5 and ".".join(fields[2:4]) in _FUSED:
+            target, slot = _FUSED[".".join(fields[2:4])]
+            key = f"layers.{fields[1]}.{target}.{fields[4]}"
+            parts.setdefault(key, [None] * _FUSED_PARTS[target])[slot] = tensor
+            if all(p is not None for p in parts[key]):
+                state[key] = torch.cat(parts.pop(key), dim=0)
+        else:
+            state[name] = tensor
+    if parts:
+        raise ValueError(f"checkpoint lacks parts of the fused projections {sorted(parts)[:8]}")
+    return state

@@ -1,0 +1,326 @@
+"""Sampler: last-position logits of a batch of sequences -> one token each, in a few batched tensor ops.
+
+Per step, for logits [S, V] (one row per sequence that samples):
+  1. banned tokens (min_tokens: EOS / stop tokens) -> -inf; repetition penalty over prompt+output tokens,
+     then frequency and presence penalties over output tokens.
+  2. logprobs, for rows that asked: log_softmax of these penalized logits, i.e. after penalties and bans but
+     before temperature, min-p, top-k and top-p, so they describe the model and not the sampling knobs
+     (vLLM's default, "raw" logprobs, likewise ignores the sampling knobs).
+  3. greedy rows (temperature 0): argmax of the penalized logits.
+  4. random rows: / temperature, then min-p, top-k, top-p (each a per-row logit threshold, ties kept),
+     then one uniform u per row and an inverse-CDF draw (searchsorted of u in the row's cumulative probs).
+
+Why inverse CDF and not the exponential race (argmax probs / Exp(1) noise): the race needs V random numbers
+per row; on CPU drawing 256 x 49152 exponentials costs ~0.4 s a step (more than the model's forward), while
+softmax + cumsum + searchsorted costs ~0.1 s. It keeps the race's useful properties: a seeded row draws its
+one uniform from its own torch.Generator (so a seed gives the same text whatever else is in the batch, every
+op being row-wise), and unseeded rows take one batched draw from the engine's generator.
+"""
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+
+from pagedserve.outputs import Logprob
+from pagedserve.sampling_params import SamplingParams
+
+# Top-p first looks at this many best tokens per row; rows whose nucleus is wider fall back to a full sort
+# (a full sort of a 49k vocabulary costs ~25x a top-256 on CPU).
+TOP_P_CANDIDATES = 256
+
+
+def min_tokens_banned_ids(params: SamplingParams, num_output_tokens: int, eos_token_id: int | None) -> list[int]:
+    """Token ids a row may not sample yet: EOS (unless ignore_eos) and stop_token_ids until min_tokens are out."""
+    if num_output_tokens >= params.min_tokens:
+        return []
+    banned = list(params.stop_token_ids)
+    if eos_token_id is not None and not params.ignore_eos:
+        banned.append(eos_token_id)
+    return banned
+
+
+def _index(rows: list[int], device) -> torch.Tensor:
+    return torch.tensor(rows, dtype=torch.int64, device=device)
+
+
+def _flat_positions(token_lists: Sequence[Sequence[int]], vocab_size: int, device) -> torch.Tensor:
+    """Positions row * V + token in a flattened [len(token_lists), V] tensor, one per listed token."""
+    lengths = torch.tensor([len(t) for t in token_lists], dtype=torch.int64, device=device)
+    tokens = torch.tensor(list(itertools.chain.from_iterable(token_lists)), dtype=torch.int64, device=device)
+    rows = torch.repeat_interleave(torch.arange(len(token_lists), device=device), lengths)
+    return rows * vocab_size + tokens
+
+
+def token_counts(token_lists: Sequence[Sequence[int]], vocab_size: int, device="cpu") -> torch.Tensor:
+    """counts: [len(token_lists), V] float32, counts[i, t] = occurrences of token t in token_lists[i]."""
+    counts = torch.zeros(len(token_lists) * vocab_size, dtype=torch.float32, device=device)
+    pos = _flat_positions(token_lists, vocab_size, device)
+    counts.scatter_add_(0, pos, torch.ones_like(pos, dtype=torch.float32))
+    return counts.view(len(token_lists), vocab_size)
+
+
+@dataclass
+class SamplingBatch:
+    """Per-step sampling state of a batch, built once by `build`. Row subsets are index tensors into [S];
+    a None tensor means "no row needs this", so that work is skipped."""
+    num_rows: int
+    vocab_size: int
+    # Bans (min_tokens): flat positions row * V + token to set to -inf.
+    banned_positions: torch.Tensor | None = None
+    # Penalties, over the rows that have any (penalty_rows: [P]).
+    penalty_rows: torch.Tensor | None = None
+    repetition_penalty: torch.Tensor | None = None   # [P, 1]; None when all are 1
+    seen_mask: torch.Tensor | None = None            # [P, V] bool: token in prompt or output
+    frequency_penalty: torch.Tensor | None = None    # [P, 1]
+    presence_penalty: torch.Tensor | None = None     # [P, 1]
+    output_counts: torch.Tensor | None = None        # [P, V] float32; None when no frequency/presence penalty
+    # Greedy and random rows.
+    greedy_rows: torch.Tensor | None = None          # [G]
+    random_rows: torch.Tensor | None = None          # [R]
+    # The rest is indexed by position among the random rows.
+    temperature: torch.Tensor | None = None          # [R, 1]; None when all are 1
+    min_p: torch.Tensor | None = None                # [R, 1]; None when all are 0
+    top_k_rows: torch.Tensor | None = None           # [Rk] random rows with 0 < top_k < V
+    top_k: torch.Tensor | None = None                # [Rk, 1] int64
+    top_p_rows: torch.Tensor | None = None           # [Rp] random rows with top_p < 1
+    top_p: torch.Tensor | None = None                # [Rp, 1]
+    seeded: list[tuple[int, torch.Generator]] = field(default_factory=list)  # (random position, its generator)
+    unseeded: torch.Tensor | None = None             # [U] random positions drawing from `generator`
+    generator: torch.Generator | None = None
+    # Logprobs: rows that asked, how many top entries each wants (0: only the sampled token).
+    logprob_rows: torch.Tensor | None = None          # [L]
+    num_logprobs: list[int | None] = field(default_factory=list)  # per row of the batch
+    max_logprobs: int = 0
+
+    @classmethod
+    def build(cls, params_list: Sequence[SamplingParams],
+              output_token_ids_list: Sequence[Sequence[int]],
+              prompt_token_ids_list: Sequence[Sequence[int]],
+              generators: Sequence[torch.Generator | None],
+              vocab_size: int,
+              device: torch.device | str = "cpu",
+              *,
+              banned_token_ids: Sequence[Sequence[int] | None] | None = None,
+              generator: torch.Generator | None = None) -> "SamplingBatch":
+        """Row i samples for params_list[i], having produced output_token_ids_list[i] after
+        prompt_token_ids_list[i]. generators[i]: the request's own generator (seeded requests) or None.
+        banned_token_ids[i]: token ids row i may not sample (see min_tokens_banned_ids).
+        generator: draws the noise of unseeded rows (on `device`); None uses torch's default generator."""
+        S, V = len(params_list), vocab_size
+        b = cls(num_rows=S, vocab_size=V, generator=generator)
+        idx = lambda rows: _index(rows, device)  # noqa: E731
+        col = lambda vals, dtype=torch.float32: torch.tensor(vals, dtype=dtype, device=device).unsqueeze(1)  # noqa: E731
+
+        if banned_token_ids is not None and any(banned_token_ids):
+            lists = [list(t or []) for t in banned_token_ids]
+            b.banned_positions = _flat_positions(lists, V, device)
+
+        pen = [i for i, p in enumerate(params_list)
+               if p.repetition_penalty != 1.0 or p.frequency_penalty != 0.0 or p.presence_penalty != 0.0]
+        if pen:
+            ps = [params_list[i] for i in pen]
+            b.penalty_rows = idx(pen)
+            outputs = [output_token_ids_list[i] for i in pen]
+            if any(p.frequency_penalty != 0.0 or p.presence_penalty != 0.0 for p in ps):
+                b.output_counts = token_counts(outputs, V, device)
+                b.frequency_penalty = col([p.frequency_penalty for p in ps])
+                b.presence_penalty = col([p.presence_penalty for p in ps])
+            if any(p.repetition_penalty != 1.0 for p in ps):
+                b.repetition_penalty = col([p.repetition_penalty for p in ps])
+                seen = [list(prompt_token_ids_list[i]) + list(output_token_ids_list[i]) for i in pen]
+                mask = torch.zeros(len(pen) * V, dtype=torch.bool, device=device)
+                mask[_flat_positions(seen, V, device)] = True
+                b.seen_mask = mask.view(len(pen), V)
+
+        greedy = [i for i, p in enumerate(params_list) if p.greedy]
+        rand = [i for i, p in enumerate(params_list) if not p.greedy]
+        if greedy:
+            b.greedy_rows = idx(greedy)
+        if rand:
+            rp = [params_list[i] for i in rand]
+            b.random_rows = idx(rand)
+            if any(p.temperature != 1.0 for p in rp):
+                b.temperature = col([p.temperature for p in rp])
+            if any(p.min_p > 0.0 for p in rp):
+                b.min_p = col([p.min_p for p in rp])
+            tk = [j for j, p in enumerate(rp) if 0 < p.top_k < V]
+            if tk:
+                b.top_k_rows, b.top_k = idx(tk), col([rp[j].top_k for j in tk], torch.int64)
+            tp = [j for j, p in enumerate(rp) if p.top_p < 1.0]
+            if tp:
+                b.top_p_rows, b.top_p = idx(tp), col([rp[j].top_p for j in tp])
+            b.seeded = [(j, generators[i]) for j, i in enumerate(rand) if generators[i] is not None]
+            unseeded = [j for j, i in enumerate(rand) if generators[i] is None]
+            if unseeded:
+                b.unseeded = idx(unseeded)
+
+        b.num_logprobs = [p.logprobs for p in params_list]
+        lp = [i for i, p in enumerate(params_list) if p.logprobs is not None]
+        if lp:
+            b.logprob_rows = idx(lp)
+            b.max_logprobs = max(params_list[i].logprobs for i in lp)
+        return b
+
+
+@dataclass
+class TokenLogprobs:
+    """One generated token's log-probability, its rank (1 = most likely) and the row's top-N."""
+    token_id: int
+    logprob: float
+    rank: int
+    top_token_ids: list[int]
+    top_logprobs: list[float]
+
+    def as_dict(self) -> dict[int, Logprob]:
+        """The sampled token and the top-N, as CompletionOutput.logprobs holds them."""
+        d = {t: Logprob(lp, rank=r + 1) for r, (t, lp) in enumerate(zip(self.top_token_ids, self.top_logprobs))}
+        d[self.token_id] = Logprob(self.logprob, rank=self.rank)
+        return d
+
+
+@dataclass
+class SamplerOutput:
+    token_ids: list[int]
+    # Per row: None when that row did not ask for logprobs; the whole list is None when no row did.
+    logprobs: list[TokenLogprobs | None] | None = None
+
+
+def _take(x: torch.Tensor, rows: torch.Tensor | None, n: int) -> tuple[torch.Tensor, bool]:
+    """(x[rows], whether it is a copy): the whole of x, uncopied, when rows are all n rows in order."""
+    if rows is None or rows.numel() == n:  # subsets are built in increasing order, so all rows = arange
+        return x, False
+    return x[rows], True
+
+
+def apply_penalties(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+    """Bans, then repetition penalty (HF/vLLM: positive logits / r, negative * r, for tokens seen in prompt
+    or output), then OpenAI's frequency and presence penalties (logit -= f * count + p * [count > 0]).
+    logits: [S, V], modified in place and returned."""
+    if batch.banned_positions is not None:
+        logits.view(-1)[batch.banned_positions] = float("-inf")
+    if batch.penalty_rows is None:
+        return logits
+    x, copied = _take(logits, batch.penalty_rows, batch.num_rows)  # x: [P, V]
+    if batch.repetition_penalty is not None:
+        r = batch.repetition_penalty
+        x = torch.where(batch.seen_mask, torch.where(x > 0, x / r, x * r), x)
+    if batch.output_counts is not None:
+        c = batch.output_counts
+        x = x - (batch.frequency_penalty * c + batch.presence_penalty * (c > 0))
+    if copied:
+        logits[batch.penalty_rows] = x
+    else:
+        logits.copy_(x)
+    return logits
+
+
+def _mask_below(x: torch.Tensor, rows: torch.Tensor, threshold: torch.Tensor) -> None:
+    """x[rows][x[rows] < threshold] = -inf, in place. threshold: [len(rows), 1]."""
+    sub, copied = _take(x, rows, x.shape[0])
+    sub = sub.masked_fill_(sub < threshold, float("-inf"))
+    if copied:
+        x[rows] = sub
+
+
+def _top_p_threshold(vals: torch.Tensor, top_p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """vals: [N, K] the best probabilities of each row, descending; top_p: [N, 1].
+    Returns (threshold [N, 1]: the smallest probability in the nucleus, covered [N]: whether K was wide
+    enough). The nucleus: the best tokens until the mass before the next one reaches top_p (at least one)."""
+    cum = vals.cumsum(-1)
+    before = torch.cat([torch.zeros_like(cum[:, :1]), cum[:, :-1]], dim=1)  # mass of the better tokens
+    keep = (before < top_p) & (vals > 0)  # a prefix of each row: both sides are monotone
+    n_keep = keep.sum(-1, keepdim=True)
+    return vals.gather(1, n_keep - 1), ~keep[:, -1]
+
+
+def apply_top_k_top_p(x: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+    """x: [R, V] temperature-scaled logits of the random rows, masked in place: min-p (keep p >= min_p * p_max,
+    i.e. logit >= max + log(min_p)), then top-k, then top-p over the distribution that top-k left. Each is a
+    threshold per row, so ties at the edge are all kept and a row's result never depends on its batch."""
+    if batch.min_p is not None:
+        x_max = x.max(dim=-1, keepdim=True).values
+        x.masked_fill_(x < x_max + torch.log(batch.min_p), float("-inf"))  # log(0) = -inf keeps everything
+    if batch.top_k_rows is not None:
+        sub, _ = _take(x, batch.top_k_rows, x.shape[0])
+        best = sub.topk(int(batch.top_k.max()), dim=-1).values  # [Rk, kmax], descending
+        _mask_below(x, batch.top_k_rows, best.gather(1, batch.top_k - 1))
+    if batch.top_p_rows is not None:
+        sub, copied = _take(x, batch.top_p_rows, x.shape[0])
+        probs = torch.softmax(sub, dim=-1)  # [Rp, V]
+        k = min(TOP_P_CANDIDATES, sub.shape[1])
+        threshold, covered = _top_p_threshold(probs.topk(k, dim=-1).values, batch.top_p)
+        if k < sub.shape[1] and not bool(covered.all()):
+            wide = (~covered).nonzero().squeeze(1)
+            threshold[wide] = _top_p_threshold(probs[wide].sort(dim=-1, descending=True).values,
+                                               batch.top_p[wide])[0]
+        sub.masked_fill_(probs < threshold, float("-inf"))
+        if copied:
+            x[batch.top_p_rows] = sub
+    return x
+
+
+def _uniforms(batch: SamplingBatch, device) -> torch.Tensor:
+    """u: [R] in [0, 1): seeded rows from their own generator, the others from one batched draw."""
+    u = torch.empty(batch.random_rows.numel(), dtype=torch.float32, device=device)
+    if batch.unseeded is not None:
+        gen = batch.generator
+        u[batch.unseeded] = torch.rand(batch.unseeded.numel(), generator=gen,
+                                       device=gen.device if gen is not None else device).to(device)
+    for j, g in batch.seeded:
+        u[j] = torch.rand((), generator=g, device=g.device).to(device)
+    return u
+
+
+def draw(x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Inverse-CDF sampling. x: [R, V] logits (-inf = excluded), u: [R] uniforms in [0, 1) -> tokens [R]."""
+    cdf = torch.softmax(x, dim=-1).cumsum_(-1)  # [R, V]
+    total = cdf[:, -1:]
+    # Strictly below the total, so the draw lands on a token with positive probability.
+    v = torch.minimum(u.unsqueeze(1) * total, torch.nextafter(total, torch.zeros_like(total)))
+    tokens = torch.searchsorted(cdf, v, right=True).squeeze(1)
+    return tokens.clamp_(max=x.shape[1] - 1)
+
+
+def _logprobs(lp: torch.Tensor, tokens: torch.Tensor, batch: SamplingBatch) -> list[TokenLogprobs | None]:
+    """lp: [L, V] log-probs of the rows that asked; tokens: [L] their sampled tokens."""
+    chosen = lp.gather(1, tokens.unsqueeze(1))  # [L, 1]
+    ranks = (lp > chosen).sum(-1) + 1
+    top = lp.topk(batch.max_logprobs, dim=-1) if batch.max_logprobs > 0 else None
+    rows = batch.logprob_rows.tolist()
+    chosen_l, ranks_l, tokens_l = chosen.squeeze(1).tolist(), ranks.tolist(), tokens.tolist()
+    top_v = top.values.tolist() if top is not None else [[]] * len(rows)
+    top_i = top.indices.tolist() if top is not None else [[]] * len(rows)
+    out: list[TokenLogprobs | None] = [None] * batch.num_rows
+    for j, i in enumerate(rows):
+        n = batch.num_logprobs[i]
+        out[i] = TokenLogprobs(tokens_l[j], chosen_l[j], ranks_l[j], top_i[j][:n], top_v[j][:n])
+    return out
+
+
+def sample(logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
+    """logits: [S, V] float32 last-position logits, one row per sequence of `batch` (consumed: modified in
+    place). Returns one token per row and, when any row asked, its logprobs (see the module docstring)."""
+    S, V = logits.shape
+    assert S == batch.num_rows, f"logits have {S} rows, the sampling batch {batch.num_rows}"
+    logits = apply_penalties(logits, batch)
+    tokens = torch.empty(S, dtype=torch.int64, device=logits.device)
+    lp = None
+    if batch.logprob_rows is not None:
+        lp = torch.log_softmax(_take(logits, batch.logprob_rows, S)[0], dim=-1)  # [L, V], a new tensor
+    if batch.greedy_rows is not None:
+        g, _ = _take(logits, batch.greedy_rows, S)
+        tokens[batch.greedy_rows] = g.argmax(dim=-1)
+    if batch.random_rows is not None:
+        # All rows random: nothing else reads the logits any more, so scale them in place.
+        x, _ = _take(logits, batch.random_rows, S)  # x: [R, V]
+        if batch.temperature is not None:
+            x.div_(batch.temperature)
+        x = apply_top_k_top_p(x, batch)
+        tokens[batch.random_rows] = draw(x, _uniforms(batch, logits.device))
+    token_list = tokens.tolist()
+    if lp is None:
+        return SamplerOutput(token_list)
+    return SamplerOutput(token_list, _logprobs(lp, tokens[batch.logprob_rows], batch))

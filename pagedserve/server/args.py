@@ -1,0 +1,57 @@
+"""The server's own command-line options (the engine's are added by the CLI) and ServerConfig."""
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass, field
+
+from pagedserve.server.auth import Identities, load_identities
+
+DEFAULT_MAX_WAITING = 1024
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    identities: Identities = field(default_factory=Identities)
+    shared_prefix_cache: bool = False
+    audit_log: str | None = None
+    max_waiting: int | None = DEFAULT_MAX_WAITING
+    served_model_names: tuple[str, ...] = ()  # empty: the engine's model name
+    log_level: str = "info"
+
+
+def add_server_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("server options")
+    g.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: all interfaces)")
+    g.add_argument("--port", type=int, default=8000, help="port to listen on")
+    g.add_argument("--api-key", action="append", default=None, metavar="KEY",
+                   help="accept this bearer key (repeatable; the n-th is the identity key-n); "
+                        "with any key set, every endpoint but /health needs one")
+    g.add_argument("--api-keys-file", default=None, metavar="FILE",
+                   help="file of `name:key` lines, one identity per line")
+    g.add_argument("--shared-prefix-cache", action="store_true",
+                   help="one prefix cache for all identities (default: each identity has its own, so no "
+                        "tenant can learn another's prompts through cache timing)")
+    g.add_argument("--audit-log", default=None, metavar="FILE",
+                   help="append one JSON line per request: time, identity, request id, endpoint, model, "
+                        "tokens, cached tokens, finish reason, status, latency")
+    g.add_argument("--max-waiting", type=int, default=DEFAULT_MAX_WAITING,
+                   help="most requests queued but not running; more are refused with 503 (0: no limit)")
+    g.add_argument("--served-model-name", action="append", default=None, metavar="NAME",
+                   help="name clients use for the model (repeatable; default: the model's name)")
+    g.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"),
+                   help="server log level")
+
+
+def server_config(args: argparse.Namespace) -> ServerConfig:
+    if not 1 <= args.port <= 65535:
+        raise ValueError(f"--port must be in [1, 65535], got {args.port}")
+    if args.max_waiting < 0:
+        raise ValueError(f"--max-waiting must be >= 0, got {args.max_waiting}")
+    return ServerConfig(
+        host=args.host, port=args.port,
+        identities=load_identities(args.api_key, args.api_keys_file),
+        shared_prefix_cache=args.shared_prefix_cache, audit_log=args.audit_log,
+        max_waiting=args.max_waiting or None, served_model_names=tuple(args.served_model_name or ()),
+        log_level=args.log_level)

@@ -1,0 +1,249 @@
+"""The OpenAI endpoints' logic: a validated body in, engine streams, a JSON or SSE response out.
+
+Every engine request of an HTTP request is aborted when that HTTP request ends, however it
+ends (finished, client gone, error), so no input can leave blocks behind.
+"""
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Callable
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from pagedserve.async_engine import AsyncEngine, EngineDeadError, QueueFullError, RequestStream
+from pagedserve.llm import merge_output
+from pagedserve.outputs import RequestOutput
+from pagedserve.sampling_params import SamplingParams
+from pagedserve.server import responses as R
+from pagedserve.server.args import ServerConfig
+from pagedserve.server.audit import CLIENT_CLOSED, finish_reason_of
+from pagedserve.server.auth import ANONYMOUS, cache_salt
+from pagedserve.server.metrics import ServerMetrics
+from pagedserve.server.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
+                                        OpenAIError, TokenizeRequest, bad_request)
+from pagedserve.server.streams import ClientDisconnected, MergedStreams
+from pagedserve.tokenizer import apply_chat_template, encode_prompt
+
+
+@dataclass
+class _Job:
+    """One HTTP generation request, ready for the engine."""
+    chat: bool
+    request_id: str
+    model: str
+    prompts: list[list[int]]
+    params: SamplingParams
+    num_logprobs: int | None
+    stream: bool
+    include_usage: bool
+    salt: str | None
+
+
+def audit(request: Request, **fields) -> None:
+    record = getattr(request.state, "audit", None)
+    if record is not None:
+        record.update(fields)
+
+
+class _SSEResponse(StreamingResponse):
+    """A stream that runs on_close however the response ends, even if its body never started."""
+
+    def __init__(self, content, on_close: Callable[[], None]) -> None:
+        super().__init__(content, media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self.on_close = on_close
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.on_close()
+
+
+class OpenAIServing:
+    def __init__(self, engine: AsyncEngine, tokenizer, config: ServerConfig, metrics: ServerMetrics) -> None:
+        self.engine = engine
+        self.tokenizer = tokenizer  # the HTTP side's own copy: tokenizers are not shared across threads
+        self.config = config
+        self.metrics = metrics
+        self.model_names = config.served_model_names or (engine.model_name,)
+        self.token_text = R.TokenText(tokenizer)
+
+    # ---- plain endpoints ----------------------------------------------------------------------
+    def check_model(self, model: str | None) -> str:
+        if model is None:
+            return self.model_names[0]
+        if model not in self.model_names:
+            raise OpenAIError(404, f"the model {model!r} does not exist; this server serves "
+                                   f"{', '.join(repr(m) for m in self.model_names)}",
+                              "invalid_request_error", "model", "model_not_found")
+        return model
+
+    def models(self) -> dict:
+        created = int(time.time())
+        return {"object": "list", "data": [
+            {"id": name, "object": "model", "created": created, "owned_by": "pagedserve", "root": name,
+             "max_model_len": self.engine.max_model_len} for name in self.model_names]}
+
+    def tokenize(self, body: TokenizeRequest) -> dict:
+        self.check_model(body.model)
+        if (body.prompt is None) == (body.messages is None):
+            raise bad_request("send exactly one of prompt and messages", "prompt")
+        if body.messages is not None:
+            ids = self._chat_tokens([{"role": m.role, "content": m.text()} for m in body.messages],
+                                    body.add_generation_prompt, None)
+        else:
+            ids = list(self.tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens))
+        return {"count": len(ids), "max_model_len": self.engine.max_model_len, "tokens": ids}
+
+    def detokenize(self, body: DetokenizeRequest) -> dict:
+        self.check_model(body.model)
+        vocab = self.engine.vocab_size
+        bad = [t for t in body.tokens if not 0 <= t < vocab]
+        if bad:
+            raise bad_request(f"token ids must be in [0, {vocab}); got {bad[0]}", "tokens")
+        return {"prompt": self.tokenizer.decode(body.tokens)}
+
+    # ---- generation ---------------------------------------------------------------------------
+    async def completions(self, body: CompletionRequest, request: Request) -> Response:
+        model = self.check_model(body.model)
+        params = body.to_sampling_params()
+        prompts = []
+        for p in body.prompts():
+            if isinstance(p, str):
+                p = encode_prompt(self.tokenizer, p)
+            if not p:
+                raise bad_request("the prompt is empty", "prompt")
+            prompts.append(list(p))
+        job = _Job(False, f"cmpl-{uuid.uuid4().hex}", model, prompts, params, body.logprobs, body.stream,
+                   body.include_usage, self._salt(request, body.cache_salt))
+        return await self._generate(job, request)
+
+    async def chat(self, body: ChatCompletionRequest, request: Request) -> Response:
+        model = self.check_model(body.model)
+        params = body.to_sampling_params()
+        ids = self._chat_tokens(body.conversation(), body.add_generation_prompt, body.chat_template_kwargs)
+        num_logprobs = (body.top_logprobs or 0) if body.logprobs else None
+        job = _Job(True, f"chatcmpl-{uuid.uuid4().hex}", model, [ids], params, num_logprobs, body.stream,
+                   body.include_usage, self._salt(request, body.cache_salt))
+        return await self._generate(job, request)
+
+    def _chat_tokens(self, conversation: list[dict], add_generation_prompt: bool, kwargs: dict | None) -> list[int]:
+        try:
+            return apply_chat_template(self.tokenizer, conversation, add_generation_prompt, **(kwargs or {}))
+        except Exception as e:  # the template's own checks (roles, order) speak of the request
+            raise bad_request(f"cannot apply the chat template: {e}", "messages") from None
+
+    def _salt(self, request: Request, request_salt: str | None) -> str | None:
+        identity = getattr(request.state, "identity", ANONYMOUS)
+        return cache_salt(identity, request_salt, self.config.shared_prefix_cache)
+
+    async def _start(self, job: _Job) -> list[RequestStream]:
+        """Hand every prompt to the engine; all or none are accepted."""
+        streams: list[RequestStream] = []
+        try:
+            for i, prompt in enumerate(job.prompts):
+                rid = job.request_id if len(job.prompts) == 1 else f"{job.request_id}-{i}"
+                streams.append(await self.engine.add_request(prompt, job.params, rid, job.salt))
+        except BaseException as e:
+            for s in streams:
+                s.abort()
+            if isinstance(e, ValueError):
+                where = f"prompt {len(streams)}: " if len(job.prompts) > 1 else ""
+                code = "context_length_exceeded" if "context length" in str(e) else None
+                raise OpenAIError(400, where + str(e), "invalid_request_error",
+                                  "messages" if job.chat else "prompt", code) from None
+            if isinstance(e, QueueFullError):
+                raise OpenAIError(503, str(e), "server_overloaded", None, "queue_full") from None
+            if isinstance(e, EngineDeadError):
+                raise OpenAIError(503, str(e), "server_error", None, "engine_unavailable") from None
+            raise
+        return streams
+
+    async def _generate(self, job: _Job, request: Request) -> Response:
+        audit(request, request_id=job.request_id, model=job.model)
+        streams = await self._start(job)
+        merged = MergedStreams(streams, request.receive)
+        outs: list[RequestOutput | None] = [None] * len(streams)
+        timers = [self.metrics.tracker() for _ in streams]
+
+        def take(i: int, delta: RequestOutput) -> None:
+            timers[i].observe(delta)
+            outs[i] = merge_output(outs[i], delta)
+
+        def record(status: int | None = None) -> None:
+            u = R.usage(outs)
+            reasons = [c.finish_reason for o in outs if o for c in o.outputs]
+            audit(request, prompt_tokens=u["prompt_tokens"], completion_tokens=u["completion_tokens"],
+                  cached_tokens=u["prompt_tokens_details"]["cached_tokens"], finish_reason=finish_reason_of(reasons))
+            if status is not None:
+                audit(request, status_code=status)
+
+        if job.stream:
+            return _SSEResponse(self._events(job, merged, take, record, outs), on_close=merged.close)
+        try:
+            async for i, delta in merged:
+                take(i, delta)
+        except ClientDisconnected:
+            record(CLIENT_CLOSED)
+            return Response(status_code=CLIENT_CLOSED)
+        except EngineDeadError as e:
+            raise OpenAIError(503, str(e), "server_error", None, "engine_unavailable") from None
+        finally:
+            merged.close()
+        record()
+        return JSONResponse(self._full_body(job, outs))
+
+    def _full_body(self, job: _Job, outs: list[RequestOutput]) -> dict:
+        n = job.params.n
+        choices = []
+        for i, out in enumerate(outs):
+            for c in out.outputs:
+                if job.chat:
+                    choices.append(R.chat_choice(i * n + c.index, c, job.num_logprobs, self.token_text))
+                else:
+                    choices.append(R.completion_choice(i * n + c.index, c, job.num_logprobs, self.token_text))
+        return {"id": job.request_id, "object": "chat.completion" if job.chat else "text_completion",
+                "created": int(time.time()), "model": job.model, "choices": choices, "usage": R.usage(outs)}
+
+    async def _events(self, job: _Job, merged: MergedStreams, take, record, outs):
+        created = int(time.time())
+        head = {"id": job.request_id, "object": "chat.completion.chunk" if job.chat else "text_completion",
+                "created": created, "model": job.model}
+        extra = {"usage": None} if job.include_usage else {}
+        n = job.params.n
+        offsets: dict[int, int] = {}  # completions' text_offset per choice
+        status = CLIENT_CLOSED
+        try:
+            if job.chat:
+                for k in range(len(job.prompts) * n):
+                    yield R.sse({**head, "choices": [{"index": k, "delta": {"role": "assistant", "content": ""},
+                                                      "logprobs": None, "finish_reason": None}], **extra})
+            async for i, delta in merged:
+                take(i, delta)
+                for c in delta.outputs:
+                    if not (c.text or c.finish_reason or (c.logprobs and c.token_ids)):
+                        continue
+                    k = i * n + c.index
+                    if job.chat:
+                        choice = R.chat_delta_choice(k, c, job.num_logprobs, self.token_text)
+                    else:
+                        choice = R.completion_choice(k, c, job.num_logprobs, self.token_text, offsets.get(k, 0))
+                        offsets[k] = offsets.get(k, 0) + sum(len(t) for t in (choice["logprobs"] or {}).get("tokens", []))
+                    yield R.sse({**head, "choices": [choice], **extra})
+            if job.include_usage:
+                yield R.sse({**head, "choices": [], "usage": R.usage(outs)})
+            yield R.sse("[DONE]")
+            status = 200
+        except ClientDisconnected:
+            pass
+        except EngineDeadError as e:
+            yield R.sse(OpenAIError(503, str(e), "server_error", None, "engine_unavailable").body())
+            yield R.sse("[DONE]")
+            status = 503
+        finally:
+            merged.close()
+            record(None if status == 200 else status)
