@@ -49,7 +49,7 @@ def add_sampling_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
     g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass")
     g.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0: all)")
-    g.add_argument("--seed", dest="sampling_seed", type=int, default=None, help="per-request sampling seed")
+    g.add_argument("--sampling-seed", type=int, default=None, help="per-request sampling seed (--seed seeds the engine)")
 
 
 def sampling_params(args: argparse.Namespace):
