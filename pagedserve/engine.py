@@ -180,7 +180,7 @@ class LLMEngine:
         if len(row_index) != logits.shape[0]:
             logits = logits[torch.tensor(row_index)]
         with torch.inference_mode():  # the logits are inference tensors: the sampler edits them in place
-            result = sample(logits, self._sampling_batch(rows))
+            result = sample(logits, self._sampling_batch(rows, logits.device))
         now = time.monotonic()
         moved: dict[str, _Group] = {}
         for r, (group, s) in enumerate(rows):
@@ -199,7 +199,7 @@ class LLMEngine:
             moved[group.request_id] = group
         return [self._make_output(g) for g in moved.values()]
 
-    def _sampling_batch(self, rows: list[tuple[_Group, _Sample]]) -> SamplingBatch:
+    def _sampling_batch(self, rows: list[tuple[_Group, _Sample]], device: torch.device) -> SamplingBatch:
         banned = []
         for g, s in rows:
             p = g.params
@@ -210,7 +210,7 @@ class LLMEngine:
         return SamplingBatch.build(
             [g.params for g, _ in rows], [s.seq.output_token_ids for _, s in rows],
             [g.prompt_token_ids for g, _ in rows], [s.generator for _, s in rows],
-            vocab_size=self.model_config.vocab_size, banned_token_ids=banned, generator=self.generator)
+            vocab_size=self.model_config.vocab_size, device=device, banned_token_ids=banned, generator=self.generator)
 
     def _check_stop(self, group: _Group, s: _Sample, token: int) -> None:
         p, seq = group.params, s.seq

@@ -7,15 +7,16 @@ log-probs within 1e-3 of transformers' own GGUF load, and greedy output token-id
 from __future__ import annotations
 
 import copy
-import json
 import os
+from typing import Any, NamedTuple
 
 import pytest
 import torch
 
 from conftest import build_tiny_hf_model
 from pagedserve.attention import AttentionMetadata
-from pagedserve.model import LlamaForCausalLM, ModelConfig, default_model_path, load_model, resolve_dtype
+from pagedserve.model import (LlamaForCausalLM, ModelConfig, default_model_path, load_model, load_tokenizer,
+                              resolve_dtype)
 from pagedserve.model.gguf_file import unpermute_rope_rows
 from pagedserve.model.llama import rope_inv_freq, rope_table
 
@@ -243,12 +244,21 @@ PROMPTS = [
 MAX_NEW = 64
 
 
+class Real(NamedTuple):
+    lm: Any               # our LoadedModel, float32
+    ref: Any              # transformers' model from the same GGUF, float32
+    prompts: list         # chat-templated prompt ids
+    conts: list           # transformers' greedy continuations (up to MAX_NEW tokens, or eos)
+    cache: str            # the tokenizer cache folder the load filled
+
+
 @pytest.fixture(scope="module")
-def real():
-    """Our float32 load of the default model, transformers' own load of the same GGUF, and the
-    chat prompts with transformers' greedy continuations."""
+def real(tmp_path_factory) -> Real:
     from transformers import AutoModelForCausalLM
-    lm = load_model(None, dtype="float32")
+    cache = str(tmp_path_factory.mktemp("cache"))
+    with pytest.MonkeyPatch.context() as mp:  # a fresh tokenizer cache: this load converts and stores it
+        mp.setenv("PAGEDSERVE_CACHE_DIR", cache)
+        lm = load_model(None, dtype="float32")
     path = default_model_path()
     ref = AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
                                                dtype=torch.float32).eval()
@@ -262,12 +272,12 @@ def real():
                                max_new_tokens=MAX_NEW, do_sample=False, eos_token_id=list(lm.config.eos_token_ids),
                                pad_token_id=lm.config.eos_token_id)
             conts.append(out[0, len(p):].tolist())
-    return lm, ref, prompts, conts
+    return Real(lm, ref, prompts, conts, cache)
 
 
 @pytest.mark.slow
 def test_default_model_loads_with_chat_template(real):
-    lm, ref, prompts, conts = real
+    lm, ref, prompts, conts, _ = real
     assert lm.config.architecture == "LlamaForCausalLM" and lm.config.num_hidden_layers == 30
     assert lm.config.tie_word_embeddings and lm.dtype == torch.float32 and lm.name == "SmolLM2-135M-Instruct"
     assert lm.tokenizer.chat_template and "<|im_start|>assistant" in lm.tokenizer.decode(prompts[0])
@@ -276,8 +286,24 @@ def test_default_model_loads_with_chat_template(real):
 
 
 @pytest.mark.slow
+def test_gguf_tokenizer_cache_gives_the_same_tokenizer(real, monkeypatch):
+    monkeypatch.setenv("PAGEDSERVE_CACHE_DIR", real.cache)
+    assert len(os.listdir(os.path.join(real.cache, "tokenizers"))) == 1
+    cached, fresh = load_tokenizer(default_model_path()), real.lm.tokenizer
+    assert cached.name_or_path.startswith(real.cache)  # it came from the cache
+    chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Héllo wörld 🙂\n\tdef f(x): ..."}]
+    for kw in (dict(add_generation_prompt=True), dict(add_generation_prompt=False)):
+        assert cached.apply_chat_template(chat, **kw)["input_ids"] == fresh.apply_chat_template(chat, **kw)["input_ids"]
+    text = "  Spaces,   numbers 12345, émojis 🙃 and <|im_start|> specials"
+    ids = fresh(text)["input_ids"]
+    assert cached(text)["input_ids"] == ids and cached.decode(ids) == fresh.decode(ids) == text
+    assert cached.all_special_ids == fresh.all_special_ids and cached.eos_token == fresh.eos_token == "<|im_end|>"
+    assert len(cached) == len(fresh) == 49152
+
+
+@pytest.mark.slow
 def test_default_model_logprobs_match_transformers(real):
-    lm, ref, prompts, conts = real
+    lm, ref, prompts, conts, _ = real
     for p, c in zip(prompts, conts):
         ids = p + c
         with torch.no_grad():
@@ -291,7 +317,7 @@ def test_default_model_logprobs_match_transformers(real):
 
 @pytest.mark.slow
 def test_default_model_greedy_is_token_identical_alone_and_batched(real):
-    lm, ref, prompts, conts = real
+    lm, ref, prompts, conts, _ = real
     stop = set(lm.config.eos_token_ids)
     for p, c in zip(prompts, conts):
         assert greedy(lm.model, [p], MAX_NEW, stop)[0] == c
@@ -300,7 +326,7 @@ def test_default_model_greedy_is_token_identical_alone_and_batched(real):
 
 @pytest.mark.slow
 def test_default_model_bfloat16_agrees_with_float32(real):
-    lm, ref, prompts, conts = real
+    lm, ref, prompts, conts, _ = real
     bf16 = copy.deepcopy(lm.model).to(torch.bfloat16)  # the same dequantized weights, rounded once
     assert bf16.embed_tokens.weight.dtype == torch.bfloat16 and bf16.rope_cos_sin.dtype == torch.bfloat16
     top1, total = 0, 0

@@ -4,8 +4,7 @@ import math
 import pytest
 import torch
 
-from pagedserve.sampler import (SamplingBatch, apply_penalties, apply_top_k_top_p, min_tokens_banned_ids, sample,
-                                token_counts)
+from pagedserve.sampler import SamplingBatch, apply_penalties, apply_top_k_top_p, min_tokens_banned_ids, sample
 from pagedserve.sampling_params import SamplingParams
 
 V = 50
@@ -79,7 +78,7 @@ def test_top_k_top_p_min_p_support_and_renormalisation():
 
 
 def test_top_p_threshold_wide_nucleus_uses_full_sort():
-    # A flat row whose nucleus is wider than the top-p candidate window (256): the full-sort fallback.
+    # A flat row whose nucleus is wider than the first top-p candidate window (256): the full-sort fallback.
     V2 = 1000
     x = torch.linspace(0, 1, V2).unsqueeze(0).repeat(2, 1)
     b = build([SamplingParams(top_p=0.9), SamplingParams(top_p=0.05)], vocab=V2)
@@ -98,12 +97,14 @@ def test_top_p_threshold_wide_nucleus_uses_full_sort():
 def test_penalties_follow_the_formulas():
     x = torch.tensor([[2.0, -1.0, 0.5, -0.5, 3.0, 0.0],
                       [1.0, 1.0, -2.0, 4.0, -3.0, 0.5],
-                      [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]])
+                      [1.0, 2.0, 3.0, 4.0, 5.0, 6.0],
+                      [1.0, -2.0, 3.0, 4.0, 5.0, 6.0]])
     params = [SamplingParams(repetition_penalty=2.0),
               SamplingParams(frequency_penalty=0.5, presence_penalty=0.25, repetition_penalty=1.5),
-              SamplingParams()]  # no penalty: untouched
-    prompts = [[0, 1], [5], [0, 1, 2]]
-    outputs = [[1, 3, 3], [2, 2, 4], [3, 3]]
+              SamplingParams(),  # no penalty: untouched
+              SamplingParams(frequency_penalty=-0.5, presence_penalty=1.0)]  # prompt tokens do not count
+    prompts = [[0, 1], [5], [0, 1, 2], [1, 2]]
+    outputs = [[1, 3, 3], [2, 2, 4], [3, 3], [0, 0, 0, 5]]
     got = apply_penalties(x.clone(), build(params, outputs, prompts, vocab=6))
     want = x.clone()
     # Row 0: tokens 0, 1, 3 seen; positive / 2, negative * 2.
@@ -112,12 +113,10 @@ def test_penalties_follow_the_formulas():
     want[1, 5] = 0.5 / 1.5
     want[1, 2] = -2.0 * 1.5 - 0.5 * 2 - 0.25
     want[1, 4] = -3.0 * 1.5 - 0.5 * 1 - 0.25
+    # Row 3: counts {0: 3, 5: 1}.
+    want[3, 0] = 1.0 + 0.5 * 3 - 1.0
+    want[3, 5] = 6.0 + 0.5 * 1 - 1.0
     torch.testing.assert_close(got, want)
-
-
-def test_token_counts():
-    c = token_counts([[1, 1, 3], [], [0]], 4)
-    assert c.tolist() == [[0, 2, 0, 1], [0, 0, 0, 0], [1, 0, 0, 0]]
 
 
 def test_penalties_change_the_greedy_choice():
@@ -206,6 +205,12 @@ def test_logprobs_are_log_softmax_with_ranks(logits):
     assert out.logprobs[3].rank in (1, 2)
     # The penalty moved row 4 off its raw argmax.
     assert out.token_ids[4] != outputs[4][0]
+    # All rows random (the logits are then scaled in place): logprobs still ignore the temperature.
+    out = run(logits, [SamplingParams(temperature=0.5, logprobs=2)] * 6, generator=gen(2))
+    lp = torch.log_softmax(logits, -1)
+    got = torch.tensor([r.logprob for r in out.logprobs])
+    torch.testing.assert_close(got, lp[torch.arange(6), torch.tensor(out.token_ids)])
+    torch.testing.assert_close(torch.tensor([r.top_logprobs for r in out.logprobs]), lp.topk(2).values)
 
 
 def test_mixed_batch_in_one_call(logits):
@@ -214,7 +219,8 @@ def test_mixed_batch_in_one_call(logits):
               SamplingParams(temperature=0, repetition_penalty=1.3)]
     b = build(params, outputs=[[1, 2]] * 6, prompts=[[3]] * 6,
               generators=[None, gen(1), None, None, None, None], generator=gen(0))
-    assert b.output_counts is None and b.seen_mask is not None  # only what is needed is built
+    assert b.frequency_positions is None  # only what is needed is built
+    assert b.repetition_positions.tolist() == [5 * V + t for t in (1, 2, 3)]  # one row, unique tokens
     out = sample(logits.clone(), b)
     assert len(out.token_ids) == 6 and out.logprobs is None
     assert out.token_ids[0] == int(logits[0].argmax())
@@ -226,7 +232,8 @@ def test_mixed_batch_in_one_call(logits):
 
 def test_nothing_built_for_plain_requests():
     b = build([SamplingParams(temperature=0)] * 3)
-    assert b.random_rows is None and b.penalty_rows is None and b.logprob_rows is None
+    assert b.random_rows is None and b.logprob_rows is None
+    assert b.repetition_positions is None and b.frequency_positions is None
     assert b.banned_positions is None
     b = build([SamplingParams()] * 3)
     assert b.temperature is None and b.min_p is None and b.top_k_rows is None and b.top_p_rows is None
@@ -237,8 +244,8 @@ def test_top_p_does_not_depend_on_the_candidate_window(monkeypatch, logits):
     params = [SamplingParams(top_p=p, top_k=k) for p, k in
               [(0.9, 0), (0.5, 0), (0.99, 20), (0.3, 3), (0.95, 0), (0.7, 40)]]
     results = []
-    for window in (2, 8, V):
-        monkeypatch.setattr(sampler_mod, "TOP_P_CANDIDATES", window)
+    for windows in [(2,), (2, 8), ()]:  # () = a full sort at once
+        monkeypatch.setattr(sampler_mod, "TOP_P_CANDIDATES", windows)
         results.append(apply_top_k_top_p(logits.clone(), build(params)))
     torch.testing.assert_close(results[0], results[2])
     torch.testing.assert_close(results[1], results[2])

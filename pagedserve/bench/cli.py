@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 
 from pagedserve.bench.flops import BF16_PEAK_GFLOPS
 from pagedserve.bench.results import fmt, format_table, result_header, save_result
@@ -114,15 +115,17 @@ def format_throughput(result: dict) -> str:
                      r["output_tokens_per_s"], r["total_tokens_per_s"], r["gflop_per_s"],
                      f"{100 * r['gflop_per_s'] / peak:.1f}%", f"{r['kv_blocks_peak']}/{r['num_kv_blocks']}",
                      f"{100 * r['kv_utilization_mean']:.1f}%", r["mean_running_requests"], r["num_preemptions"],
-                     f"{100 * r['prefix_hit_rate']:.1f}%"])
+                     f"{100 * r['prefix_hit_rate']:.1f}%", r["loadavg_1min_mean"]])
     for r in result.get("hf", {}).get("runs", []):
         rows.append([f"transformers static batch {r['batch_size']}", r["elapsed_s"], r["requests_per_s"],
                      r["output_tokens_per_s"], r["total_tokens_per_s"], r["gflop_per_s"],
-                     f"{100 * r['gflop_per_s'] / peak:.1f}%", "-", "-", float(r["batch_size"]), "-", "-"])
+                     f"{100 * r['gflop_per_s'] / peak:.1f}%", "-", "-", float(r["batch_size"]), "-", "-",
+                     r["loadavg_1min_mean"]])
     table = format_table(["run", "time s", "req/s", "out tok/s", "total tok/s", "GFLOP/s", "of peak",
-                          "peak KV blocks", "KV util", "mean running", "preempt", "prefix hit"], rows)
+                          "peak KV blocks", "KV util", "mean running", "preempt", "prefix hit", "load avg"], rows)
     lines = [head, table, f"(GFLOP/s: useful model FLOPs / time; the bf16 matrix peak of this machine is about "
-                          f"{peak:g} GFLOP/s, not measured here)"]
+                          f"{peak:g} GFLOP/s, not measured here; load avg: mean 1-minute load of the machine during the run, "
+                          f"{os.cpu_count()} CPUs)"]
     ratios = result["ratios"]
     if "paged_over_max_model_len_reservation" in ratios:
         lines.append(f"paged (none) / contiguous (max_model_len) reservation, same KV memory: "

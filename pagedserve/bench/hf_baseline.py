@@ -14,6 +14,7 @@ import time
 import torch
 
 from pagedserve.bench.flops import ModelShape, workload_flops
+from pagedserve.bench.results import LoadMonitor
 from pagedserve.bench.workload import WorkloadItem
 
 
@@ -51,6 +52,7 @@ def run_hf_static(model, items: list[WorkloadItem], batch_size: int, progress: b
     """Run items through model.generate in static batches of batch_size; returns the measured numbers."""
     pad_id = _pad_token_id(model)
     generated = 0  # tokens produced, waste included
+    load = LoadMonitor(every_s=0.0)  # polled once per batch
     t0 = time.perf_counter()
     for start in range(0, len(items), batch_size):
         batch = items[start:start + batch_size]
@@ -63,6 +65,7 @@ def run_hf_static(model, items: list[WorkloadItem], batch_size: int, progress: b
         if new != longest:  # min_new_tokens must have held EOS off; a shorter run would overstate speed
             raise RuntimeError(f"transformers generated {new} tokens where {longest} were asked")
         generated += new * len(batch)
+        load.poll()
         if progress:
             done = min(start + batch_size, len(items))
             el = time.perf_counter() - t0
@@ -81,6 +84,7 @@ def run_hf_static(model, items: list[WorkloadItem], batch_size: int, progress: b
         "requests_per_s": len(items) / elapsed, "output_tokens_per_s": output / elapsed,
         "total_tokens_per_s": (prompt + output) / elapsed,
         "gflops": flops / 1e9, "gflop_per_s": flops / 1e9 / elapsed,
+        **load.summary(),
     }
 
 

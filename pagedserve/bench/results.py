@@ -7,6 +7,7 @@ import os
 import platform
 import shlex
 import sys
+import time
 
 
 def _cpu_model() -> str:
@@ -41,6 +42,24 @@ def machine_info() -> dict:
         info.update(torch=torch.__version__, torch_threads=torch.get_num_threads(),
                     cuda=torch.cuda.get_device_name(0) if torch.cuda.is_available() else None)
     return info
+
+
+class LoadMonitor:
+    """Samples the 1-minute load average during a run: other processes on the shared cores skew timings."""
+
+    def __init__(self, every_s: float = 5.0) -> None:
+        self.every_s = every_s
+        self.samples = [os.getloadavg()[0]]
+        self._last = time.monotonic()
+
+    def poll(self) -> None:
+        if time.monotonic() - self._last >= self.every_s:
+            self._last = time.monotonic()
+            self.samples.append(os.getloadavg()[0])
+
+    def summary(self) -> dict:
+        self.samples.append(os.getloadavg()[0])
+        return {"loadavg_1min_mean": sum(self.samples) / len(self.samples), "loadavg_1min_max": max(self.samples)}
 
 
 def now_iso() -> str:

@@ -11,6 +11,7 @@ import sys
 import time
 
 from pagedserve.bench.flops import ModelShape, workload_flops
+from pagedserve.bench.results import LoadMonitor
 from pagedserve.bench.workload import WorkloadItem
 from pagedserve.config import EngineConfig
 
@@ -26,6 +27,7 @@ def run_engine(engine, items: list[WorkloadItem], temperature: float = 0.0, prog
     cached = {it.id: 0 for it in items}
     running_sum = blocks_sum = steps = max_running = 0
     num_blocks = engine.stats()["num_kv_blocks"]
+    load = LoadMonitor()
     t0 = time.perf_counter()
     for it in items:
         engine.add_request(it.id, {"prompt_token_ids": it.prompt_token_ids}, engine_params(it, temperature))
@@ -40,6 +42,7 @@ def run_engine(engine, items: list[WorkloadItem], temperature: float = 0.0, prog
         max_running = max(max_running, running)
         blocks_sum += engine.kv_cache.pool.num_used_blocks
         steps += 1
+        load.poll()
         if progress and time.perf_counter() - last_report > 10:
             last_report = time.perf_counter()
             done = sum(out_tokens.values())
@@ -70,6 +73,7 @@ def run_engine(engine, items: list[WorkloadItem], temperature: float = 0.0, prog
         "prefix_cache_queries": queries, "prefix_cache_hits": stats["prefix_cache_hits"],
         "prefix_hit_rate": stats["prefix_cache_hits"] / queries if queries else 0.0,
         "cached_prompt_tokens": sum(cached.values()),
+        **load.summary(),
     }
 
 

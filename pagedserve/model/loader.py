@@ -6,9 +6,12 @@ in llama.cpp bindings we do not need). Nothing here downloads.
 """
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import os
+import shutil
+import tempfile
 from dataclasses import dataclass
 from typing import Any, Iterator
 
@@ -116,10 +119,45 @@ def load_tokenizer(path: str):
     from transformers import AutoTokenizer
     path = os.path.abspath(os.path.expanduser(path))
     if _source_kind(path) == "gguf":
-        return AutoTokenizer.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path))
+        return _gguf_tokenizer(path)
     if not any(os.path.isfile(os.path.join(path, f)) for f in _TOKENIZER_FILES):
         raise FileNotFoundError(f"no tokenizer in {path}: expected one of {', '.join(_TOKENIZER_FILES)}")
     return AutoTokenizer.from_pretrained(path)
+
+
+def tokenizer_cache_dir() -> str:
+    """Where tokenizers converted from GGUF files are kept: $PAGEDSERVE_CACHE_DIR or ~/.cache/pagedserve."""
+    root = os.environ.get("PAGEDSERVE_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "pagedserve")
+    return os.path.join(root, "tokenizers")
+
+
+def _gguf_tokenizer(path: str):
+    """transformers rebuilds a GGUF's tokenizer from its vocabulary lists, which takes seconds
+    (the file's metadata is parsed again); the result is saved once in HF form and reloaded
+    from there (under a second). The key covers the file's identity and the transformers version."""
+    import transformers
+    from transformers import AutoTokenizer
+    st = os.stat(path)
+    key = hashlib.sha256(f"{os.path.realpath(path)}|{st.st_size}|{st.st_mtime_ns}|{transformers.__version__}"
+                         .encode()).hexdigest()[:24]
+    cached = os.path.join(tokenizer_cache_dir(), key)
+    if os.path.isfile(os.path.join(cached, "tokenizer.json")):
+        try:
+            return AutoTokenizer.from_pretrained(cached)
+        except Exception:  # a damaged entry: rebuild it below
+            shutil.rmtree(cached, ignore_errors=True)
+    tok = AutoTokenizer.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path))
+    tmp = None
+    try:  # write aside, then rename: concurrent loaders never see half an entry
+        os.makedirs(tokenizer_cache_dir(), exist_ok=True)
+        tmp = tempfile.mkdtemp(dir=tokenizer_cache_dir())
+        tok.save_pretrained(tmp)
+        os.replace(tmp, cached)
+    except OSError:  # no cache this time (read-only home, or a racing writer got there first)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return tok
 
 
 def read_hf_config(folder: str) -> ModelConfig:

@@ -26,19 +26,36 @@ from pagedserve.server.serving import OpenAIServing
 logger = logging.getLogger("pagedserve.server")
 
 
+def _is_union_tag(part) -> bool:
+    """pydantic names the member of a union an error came from in its location: 'str', 'list[int]'."""
+    return isinstance(part, str) and (part in ("str", "int", "float", "bool", "list", "dict") or "[" in part)
+
+
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
+    """One readable sentence for the first wrong field, and that field's name (OpenAI's `param`)."""
     errors = exc.errors()
     if not errors:
         return "invalid request body", None
     first = errors[0]
-    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
     if first.get("type") == "json_invalid":
         return f"the request body is not valid JSON: {first.get('msg')}", None
-    where = ".".join(loc)
-    more = f" (and {len(errors) - 1} more errors)" if len(errors) > 1 else ""
-    return (f"{where}: {first.get('msg')}" if where else str(first.get("msg"))) + more, where or None
-
-
+    loc = [p for p in first.get("loc", ()) if p != "body"]
+    field = []
+    for p in loc:
+        if _is_union_tag(p):
+            break
+        field.append(str(p))
+    where = ".".join(field)
+    same = [e for e in errors if [p for p in e.get("loc", ()) if p != "body"][:len(field)] == loc[:len(field)]]
+    if any(_is_union_tag(p) for p in loc):  # several union members failed: say what is accepted
+        tags = sorted({next(p for p in e["loc"] if _is_union_tag(p)) for e in same
+                       if any(_is_union_tag(p) for p in e["loc"])})
+        msg = f"invalid value; expected {' or '.join(tags)}"
+    else:
+        msg = first.get("msg", "invalid value")
+    if not where:
+        return f"the request body is invalid: {msg}", None
+    return f"{where}: {msg}", where
 def _error(status: int, message: str, type: str, param: str | None = None, code: str | None = None) -> JSONResponse:
     return JSONResponse(OpenAIError(status, message, type, param, code).body(), status_code=status)
 

@@ -46,7 +46,9 @@ def completion_logprobs(c: CompletionOutput, num: int, tt: TokenText, offset: in
         text = tt.text(tid)
         tokens.append(text)
         token_lps.append(entry[tid].logprob if tid in entry else None)
-        top = {tt.text(t): lp.logprob for t, lp in _top(entry, num)}
+        top: dict[str, float] = {}
+        for t, lp in _top(entry, num):  # best rank first: two ids with the same text keep the likelier
+            top.setdefault(tt.text(t), lp.logprob)
         if tid in entry:
             top.setdefault(text, entry[tid].logprob)
         tops.append(top)

@@ -177,6 +177,8 @@ class OpenAIServing:
         def record(status: int | None = None) -> None:
             u = R.usage(outs)
             reasons = [c.finish_reason for o in outs if o for c in o.outputs]
+            if status == CLIENT_CLOSED:  # what had not finished was aborted
+                reasons = [r or "abort" for r in reasons] or ["abort"]
             audit(request, prompt_tokens=u["prompt_tokens"], completion_tokens=u["completion_tokens"],
                   cached_tokens=u["prompt_tokens_details"]["cached_tokens"], finish_reason=finish_reason_of(reasons))
             if status is not None:
