@@ -88,7 +88,7 @@ class LLMEngine:
         self.runner = ModelRunner(loaded.model, mc.num_hidden_layers, mc.num_key_value_heads, mc.head_dim,
                                   num_blocks, config.block_size, loaded.dtype, config.device)
         self.eos_token_ids = set(mc.eos_token_ids)
-        self.generator = torch.Generator().manual_seed(config.seed)
+        self.generator = torch.Generator(device=config.device).manual_seed(config.seed)
         self.groups: dict[str, _Group] = {}
         self._seq_owner: dict[str, tuple[_Group, _Sample]] = {}
         self._ids = itertools.count()
