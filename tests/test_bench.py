@@ -133,8 +133,11 @@ def test_bench_throughput_cli_on_a_tiny_model(tiny_model_dir, tmp_path, capsys):
     out = tmp_path / "result.json"
     rc = main(["bench", "throughput", "--workload", str(wl), "--num-requests", "4", "--model", tiny_model_dir,
                "--dtype", "float32", "--num-kv-blocks", "40", "--max-model-len", "128", "--compare-reservation",
-               "--baseline", "hf", "--hf-batch-sizes", "1,3", "--save-result", str(out), "--quiet"])
+               "--baseline", "hf", "--hf-batch-sizes", "1,3", "--save-result", str(out), "--quiet",
+               "--profile-steps", "1:2", "--profile-out", str(tmp_path / "prof.txt")])
     assert rc == 0
+    prof = (tmp_path / "prof.txt").read_text()
+    assert "2 engine steps from step 1" in prof and "aten::" in prof
     printed = capsys.readouterr().out
     assert "out tok/s" in printed and "transformers static batch 3" in printed
     r = json.loads(out.read_text())
@@ -144,6 +147,7 @@ def test_bench_throughput_cli_on_a_tiny_model(tiny_model_dir, tmp_path, capsys):
 
     runs = {e["kv_reservation"]: e for e in r["engine_runs"]}
     assert set(runs) == {"none", "max_model_len"}
+    assert [e["profiled"] for e in r["engine_runs"]] == [True, False]
     for e in runs.values():
         assert e["output_tokens"] == e["expected_output_tokens"] == want_out
         assert e["prompt_tokens"] == want_prompt and e["total_tokens"] == want_out + want_prompt

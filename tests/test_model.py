@@ -13,11 +13,11 @@ from typing import Any, NamedTuple
 import pytest
 import torch
 
-from conftest import build_tiny_hf_model
+from conftest import CHAT_TEMPLATE, build_tiny_hf_model
 from pagedserve.attention import AttentionMetadata
 from pagedserve.model import (LlamaForCausalLM, ModelConfig, default_model_path, load_model, load_tokenizer,
                               resolve_dtype)
-from pagedserve.model.gguf_file import unpermute_rope_rows
+from pagedserve.model.gguf_file import GGUFFile, GGUFPackageFile, config_from_gguf, unpermute_rope_rows
 from pagedserve.model.llama import rope_inv_freq, rope_table
 
 
@@ -168,6 +168,86 @@ def test_unpermute_inverts_llama_cpp_rope_permutation():
     assert torch.equal(unpermute_rope_rows(bias.reshape(n_heads, 2, -1).swapaxes(1, 2).reshape(-1), n_heads), bias)
 
 
+def write_tiny_gguf(path: str, ref, tok_folder: str) -> None:
+    """Write a transformers model as llama.cpp would: its tensor names (from the gguf package's own
+    map), LLaMA q/k rows permuted, 2-D weights quantized to Q8_0, the tokenizer as GGUF fields."""
+    import json
+    import gguf
+    cfg = ref.config
+    arch = cfg.model_type
+    w = gguf.GGUFWriter(path, arch)
+    head_dim = cfg.hidden_size // cfg.num_attention_heads
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_block_count(cfg.num_hidden_layers)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_head_count(cfg.num_attention_heads)
+    w.add_head_count_kv(cfg.num_key_value_heads)
+    w.add_rope_dimension_count(head_dim)
+    w.add_rope_freq_base(cfg.rope_parameters["rope_theta"])
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    w.add_vocab_size(cfg.vocab_size)
+    with open(os.path.join(tok_folder, "tokenizer.json")) as f:
+        model = json.load(f)["model"]
+    w.add_tokenizer_model("gpt2")
+    w.add_token_list([t for t, _ in sorted(model["vocab"].items(), key=lambda kv: kv[1])])
+    w.add_token_types([3 if i < 3 else 1 for i in range(len(model["vocab"]))])
+    w.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in model["merges"]])
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    w.add_pad_token_id(0)
+    w.add_chat_template(CHAT_TEMPLATE)
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA if arch == "llama" else gguf.MODEL_ARCH.QWEN2,
+                                     cfg.num_hidden_layers)
+    for name, t in ref.state_dict().items():
+        if name == "lm_head.weight" and cfg.tie_word_embeddings:
+            continue
+        base, suffix = name.rsplit(".", 1)
+        data = t.float().numpy()
+        heads = {"q_proj": cfg.num_attention_heads, "k_proj": cfg.num_key_value_heads}.get(base.split(".")[-1])
+        if arch == "llama" and heads:  # llama.cpp's convert_hf_to_gguf permute
+            data = data.reshape(heads, 2, -1, *data.shape[1:]).swapaxes(1, 2).reshape(data.shape)
+        qtype = gguf.GGMLQuantizationType.Q8_0 if data.ndim == 2 else gguf.GGMLQuantizationType.F32
+        w.add_tensor(f"{names.get_name(base)}.{suffix}", gguf.quantize(data, qtype), raw_dtype=qtype)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+@pytest.mark.parametrize("arch,overrides", [("llama", {}), ("qwen2", dict(tie_word_embeddings=True))])
+def test_tiny_gguf_matches_transformers_gguf_load(tmp_path, arch, overrides):
+    """A quantized GGUF of a tiny model: our load and transformers' load of the same file agree."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    ref = build_tiny_hf_model(str(tmp_path), arch, **overrides)
+    gdir = tmp_path / "gguf"  # a folder of its own: HF tokenizer files beside a GGUF confuse transformers
+    gdir.mkdir()
+    write_tiny_gguf(str(gdir / "tiny.gguf"), ref, str(tmp_path))
+    ours = load_model(str(gdir / "tiny.gguf"), dtype="float32")
+    theirs = AutoModelForCausalLM.from_pretrained(str(gdir), gguf_file="tiny.gguf", dtype=torch.float32).eval()
+    assert ours.config.architecture == ref.config.architectures[0]
+    assert ours.config.attention_bias == (arch == "qwen2") and ours.config.tie_word_embeddings == ref.config.tie_word_embeddings
+    ids = torch.randint(0, 320, (50,), generator=torch.Generator().manual_seed(4)).tolist()
+    got = PagedHarness(ours.model, 1, 50).step([(0, ids)])[0]
+    torch.testing.assert_close(got, ref_logits(theirs, ids), atol=1e-4, rtol=0)
+    assert (got - ref_logits(ref, ids)).abs().max() < 0.3  # Q8_0 stays close to the unquantized model
+    assert_same_tokenizer(ours.tokenizer, AutoTokenizer.from_pretrained(str(gdir), gguf_file="tiny.gguf"))
+    assert_same_tokenizer(ours.tokenizer, AutoTokenizer.from_pretrained(str(tmp_path)), same_build=False)  # original
+    assert ours.tokenizer.decode(ours.tokenizer("Hello world")["input_ids"]) == "Hello world"
+
+
+def test_both_gguf_readers_agree(tmp_path):
+    """transformers' reader (used when present) and the gguf package's (the fallback) give the same file."""
+    ref = build_tiny_hf_model(str(tmp_path), "llama")
+    write_tiny_gguf(str(tmp_path / "tiny.gguf"), ref, str(tmp_path))
+    a, b = GGUFFile(str(tmp_path / "tiny.gguf")), GGUFPackageFile(str(tmp_path / "tiny.gguf"))
+    assert a.metadata == b.metadata and a.metadata["tokenizer.ggml.tokens"] == 320
+    assert a.tensor_names == b.tensor_names and len(a.tensor_names) == 2 * 9 + 3
+    for name in a.tensor_names:
+        assert torch.equal(a.tensor(name), b.tensor(name)), name
+    assert config_from_gguf(a) == config_from_gguf(b)
+
+
 # ---------------------------------------------------------------- loader errors and dtype
 
 def test_missing_model_path_is_a_clear_error(tmp_path):
@@ -249,16 +329,12 @@ class Real(NamedTuple):
     ref: Any              # transformers' model from the same GGUF, float32
     prompts: list         # chat-templated prompt ids
     conts: list           # transformers' greedy continuations (up to MAX_NEW tokens, or eos)
-    cache: str            # the tokenizer cache folder the load filled
 
 
 @pytest.fixture(scope="module")
-def real(tmp_path_factory) -> Real:
+def real() -> Real:
     from transformers import AutoModelForCausalLM
-    cache = str(tmp_path_factory.mktemp("cache"))
-    with pytest.MonkeyPatch.context() as mp:  # a fresh tokenizer cache: this load converts and stores it
-        mp.setenv("PAGEDSERVE_CACHE_DIR", cache)
-        lm = load_model(None, dtype="float32")
+    lm = load_model(None, dtype="float32")
     path = default_model_path()
     ref = AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
                                                dtype=torch.float32).eval()
@@ -272,12 +348,12 @@ def real(tmp_path_factory) -> Real:
                                max_new_tokens=MAX_NEW, do_sample=False, eos_token_id=list(lm.config.eos_token_ids),
                                pad_token_id=lm.config.eos_token_id)
             conts.append(out[0, len(p):].tolist())
-    return Real(lm, ref, prompts, conts, cache)
+    return Real(lm, ref, prompts, conts)
 
 
 @pytest.mark.slow
 def test_default_model_loads_with_chat_template(real):
-    lm, ref, prompts, conts, _ = real
+    lm, ref, prompts, conts = real
     assert lm.config.architecture == "LlamaForCausalLM" and lm.config.num_hidden_layers == 30
     assert lm.config.tie_word_embeddings and lm.dtype == torch.float32 and lm.name == "SmolLM2-135M-Instruct"
     assert lm.tokenizer.chat_template and "<|im_start|>assistant" in lm.tokenizer.decode(prompts[0])
@@ -285,25 +361,35 @@ def test_default_model_loads_with_chat_template(real):
     assert sum(map(len, conts)) > 2 * MAX_NEW  # the answers are long enough to test 64-token decoding
 
 
-@pytest.mark.slow
-def test_gguf_tokenizer_cache_gives_the_same_tokenizer(real, monkeypatch):
-    monkeypatch.setenv("PAGEDSERVE_CACHE_DIR", real.cache)
-    assert len(os.listdir(os.path.join(real.cache, "tokenizers"))) == 1
-    cached, fresh = load_tokenizer(default_model_path()), real.lm.tokenizer
-    assert cached.name_or_path.startswith(real.cache)  # it came from the cache
+def assert_same_tokenizer(ours, theirs, same_build: bool = True) -> None:
+    """Same behaviour (and, for two builds from one file, the same tokenizers pipeline)."""
+    if same_build:
+        assert ours.backend_tokenizer.to_str() == theirs.backend_tokenizer.to_str()
+    assert ours.chat_template == theirs.chat_template
     chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Héllo wörld 🙂\n\tdef f(x): ..."}]
     for kw in (dict(add_generation_prompt=True), dict(add_generation_prompt=False)):
-        assert cached.apply_chat_template(chat, **kw)["input_ids"] == fresh.apply_chat_template(chat, **kw)["input_ids"]
+        assert ours.apply_chat_template(chat, **kw)["input_ids"] == theirs.apply_chat_template(chat, **kw)["input_ids"]
     text = "  Spaces,   numbers 12345, émojis 🙃 and <|im_start|> specials"
-    ids = fresh(text)["input_ids"]
-    assert cached(text)["input_ids"] == ids and cached.decode(ids) == fresh.decode(ids) == text
-    assert cached.all_special_ids == fresh.all_special_ids and cached.eos_token == fresh.eos_token == "<|im_end|>"
-    assert len(cached) == len(fresh) == 49152
+    ids = theirs(text)["input_ids"]
+    assert ours(text)["input_ids"] == ids and ours.decode(ids) == theirs.decode(ids)
+    assert ours.eos_token == theirs.eos_token and ours.bos_token == theirs.bos_token
+    if same_build:  # another class may default other specials (Qwen2Tokenizer: unk <|endoftext|>)
+        for attr in ("pad_token", "unk_token", "all_special_ids", "add_bos_token", "add_eos_token"):
+            assert getattr(ours, attr) == getattr(theirs, attr), attr
+
+
+@pytest.mark.slow
+def test_gguf_tokenizer_is_the_one_autotokenizer_builds(real):
+    from transformers import AutoTokenizer
+    path = default_model_path()
+    theirs = AutoTokenizer.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path))
+    assert_same_tokenizer(real.lm.tokenizer, theirs)
+    assert len(real.lm.tokenizer) == 49152 and real.lm.tokenizer.eos_token == "<|im_end|>"
 
 
 @pytest.mark.slow
 def test_default_model_logprobs_match_transformers(real):
-    lm, ref, prompts, conts, _ = real
+    lm, ref, prompts, conts = real
     for p, c in zip(prompts, conts):
         ids = p + c
         with torch.no_grad():
@@ -317,7 +403,7 @@ def test_default_model_logprobs_match_transformers(real):
 
 @pytest.mark.slow
 def test_default_model_greedy_is_token_identical_alone_and_batched(real):
-    lm, ref, prompts, conts, _ = real
+    lm, ref, prompts, conts = real
     stop = set(lm.config.eos_token_ids)
     for p, c in zip(prompts, conts):
         assert greedy(lm.model, [p], MAX_NEW, stop)[0] == c
@@ -326,7 +412,7 @@ def test_default_model_greedy_is_token_identical_alone_and_batched(real):
 
 @pytest.mark.slow
 def test_default_model_bfloat16_agrees_with_float32(real):
-    lm, ref, prompts, conts, _ = real
+    lm, ref, prompts, conts = real
     bf16 = copy.deepcopy(lm.model).to(torch.bfloat16)  # the same dequantized weights, rounded once
     assert bf16.embed_tokens.weight.dtype == torch.bfloat16 and bf16.rope_cos_sin.dtype == torch.bfloat16
     top1, total = 0, 0

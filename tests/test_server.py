@@ -16,6 +16,7 @@ import openai
 import pytest
 import uvicorn
 
+from conftest import build_tiny_hf_model
 from pagedserve.async_engine import AsyncEngine
 from pagedserve.engine import LLMEngine
 from pagedserve.server.app import build_app
@@ -83,10 +84,21 @@ def assert_error(r: httpx.Response, status: int, *words: str) -> dict:
     return err
 
 
+CONTEXT = 2048
+
+
 @pytest.fixture(scope="module")
-def server(tiny_model_dir, tmp_path_factory):
+def model_dir(tmp_path_factory) -> str:
+    """The tiny random LLaMA with a longer window, so a request can run long enough to be left."""
+    folder = str(tmp_path_factory.mktemp("tiny_server_llama"))
+    build_tiny_hf_model(folder, "llama", max_position_embeddings=CONTEXT)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def server(model_dir, tmp_path_factory):
     audit = str(tmp_path_factory.mktemp("audit") / "audit.jsonl")
-    with running_server(tiny_model_dir, ServerConfig(audit_log=audit)) as (base, engine):
+    with running_server(model_dir, ServerConfig(audit_log=audit)) as (base, engine):
         yield base, engine, audit
 
 
@@ -100,15 +112,15 @@ def model_name(client) -> str:
 
 
 # ---- plain endpoints -----------------------------------------------------------------------------
-def test_models_health_version_tokenize(server, client, tiny_model_dir):
+def test_models_health_version_tokenize(server, client, model_dir):
     base = server[0]
     assert httpx.get(f"{base}/health").status_code == 200
     assert httpx.get(f"{base}/version").json()["version"]
     models = client.models.list().data
-    assert [m.id for m in models] == [os.path.basename(tiny_model_dir)]
+    assert [m.id for m in models] == [os.path.basename(model_dir)]
     name = models[0].id
     tok = httpx.post(f"{base}/tokenize", json={"model": name, "prompt": "Hello world"}).json()
-    assert tok["count"] == len(tok["tokens"]) > 0 and tok["max_model_len"] == 256
+    assert tok["count"] == len(tok["tokens"]) > 0 and tok["max_model_len"] == CONTEXT
     assert httpx.post(f"{base}/detokenize", json={"tokens": tok["tokens"]}).json()["prompt"] == "Hello world"
     chat = httpx.post(f"{base}/tokenize", json={"messages": [{"role": "user", "content": "Hi"}]}).json()
     assert chat["count"] > tok["count"] - 2  # the template wraps the message
@@ -289,13 +301,15 @@ def test_concurrent_streams_with_disconnects(server):
 def test_non_stream_disconnect_aborts(server):
     base, engine, audit = server
     before = scrape(base)["pagedserve:generation_tokens_total"]
+    max_tokens = CONTEXT - 48  # seconds of work on a CPU
+    start = time.monotonic()
     with pytest.raises(httpx.TimeoutException):
         httpx.post(f"{base}/v1/completions", timeout=0.3, json={
-            "prompt": "A long answer, please.", "max_tokens": 230, "temperature": 0.0, "ignore_eos": True})
+            "prompt": "A long answer, please.", "max_tokens": max_tokens, "temperature": 0.0, "ignore_eos": True})
     m = wait_idle(base)
     assert m["pagedserve:kv_cache_usage_perc"] == 0 and m["pagedserve:num_requests_running"] == 0
-    time.sleep(0.3)  # had it not been aborted it would still be generating now
-    assert scrape(base)["pagedserve:generation_tokens_total"] - before < 230
+    assert time.monotonic() - start < 2.0
+    assert scrape(base)["pagedserve:generation_tokens_total"] - before < max_tokens  # it stopped early
     records = [json.loads(line) for line in open(audit)]
     gone = [r for r in records if r["status_code"] == 499]
     assert gone and gone[-1]["finish_reason"] == "abort" and gone[-1]["endpoint"] == "/v1/completions"
@@ -309,7 +323,7 @@ BAD_REQUESTS = [
     ("/v1/completions", {"prompt": "x", "max_tokens": "many"}, 400, ("max_tokens",)),
     ("/v1/completions", {"prompt": "x", "temperature": -1}, 400, ("temperature",)),
     ("/v1/completions", {"prompt": "x", "model": "no-such-model"}, 404, ("no-such-model",)),
-    ("/v1/completions", {"prompt": "x", "max_tokens": 1000}, 400, ("256", "1000")),
+    ("/v1/completions", {"prompt": "x", "max_tokens": 5000}, 400, (str(CONTEXT), "5000")),
     ("/v1/completions", {"prompt": "x", "n": 0}, 400, ("n",)),
     ("/v1/completions", {"prompt": "x", "n": 100000}, 400, ("n",)),
     ("/v1/completions", {"prompt": "x", "max_tokens": 0}, 400, ("max_tokens",)),
@@ -324,12 +338,13 @@ BAD_REQUESTS = [
     ("/v1/completions", {"prompt": "x", "min_tokens": 20, "max_tokens": 5}, 400, ("min_tokens",)),
     ("/v1/completions", {"prompt": "x", "stop": [""]}, 400, ("stop",)),
     ("/v1/completions", {"prompt": "x", "top_p": 0}, 400, ("top_p",)),
-    ("/v1/completions", {"prompt": ["ok", "y" * 2000]}, 400, ("prompt 1",)),
+    ("/v1/completions", {"prompt": "x", "seed": 2**64}, 400, ("seed",)),
+    ("/v1/completions", {"prompt": ["ok", "y" * 5000]}, 400, ("prompt 1",)),
     ("/v1/chat/completions", {"messages": []}, 400, ("messages",)),
     ("/v1/chat/completions", {"messages": "hello"}, 400, ("messages",)),
     ("/v1/chat/completions", {"messages": [{"content": "no role"}]}, 400, ("role",)),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}, 400, ("logprobs",)),
-    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x" * 3000}]}, 400, ("256",)),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x" * 5000}]}, 400, (str(CONTEXT),)),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "max_completion_tokens": 0}, 400, ()),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, 400, ("image_url",)),
     ("/tokenize", {}, 400, ()),
@@ -354,9 +369,9 @@ def test_bad_inputs_get_openai_errors(server, client):
     assert ok.usage.completion_tokens == 3
 
 
-def test_queue_full(tiny_model_dir):
+def test_queue_full(model_dir):
     config = ServerConfig(max_waiting=1)
-    with running_server(tiny_model_dir, config, max_num_seqs=1) as (base, _):
+    with running_server(model_dir, config, max_num_seqs=1) as (base, _):
         body = {"prompt": "busy", "max_tokens": 200, "temperature": 0.0, "ignore_eos": True, "stream": True}
 
         async def main():
@@ -382,13 +397,13 @@ def test_queue_full(tiny_model_dir):
 
 
 # ---- identities ------------------------------------------------------------------------------------
-def test_identity_isolation_and_audit(tiny_model_dir, tmp_path):
+def test_identity_isolation_and_audit(model_dir, tmp_path):
     keys_file = tmp_path / "keys.txt"
     keys_file.write_text("# tenants\nalice:sk-alice-secret\nbob:sk-bob-secret\n")
     audit = tmp_path / "audit.jsonl"
     config = ServerConfig(identities=load_identities(None, str(keys_file)), audit_log=str(audit))
     prompt = "Paged attention stores keys and values in fixed-size blocks. " * 3
-    with running_server(tiny_model_dir, config) as (base, _):
+    with running_server(model_dir, config) as (base, _):
         def ask(key: str) -> int:
             c = openai.OpenAI(base_url=base + "/v1", api_key=key, max_retries=0)
             r = c.completions.create(model=c.models.list().data[0].id, prompt=prompt, max_tokens=2)
@@ -424,10 +439,10 @@ def test_identity_isolation_and_audit(tiny_model_dir, tmp_path):
     assert not any(r["endpoint"] == "/health" for r in records)
 
 
-def test_shared_prefix_cache(tiny_model_dir):
+def test_shared_prefix_cache(model_dir):
     config = ServerConfig(identities=load_identities(["key-one", "key-two"]), shared_prefix_cache=True)
     prompt = "A scheduler fills one token budget every step. " * 3
-    with running_server(tiny_model_dir, config) as (base, _):
+    with running_server(model_dir, config) as (base, _):
         def cached(key: str) -> int:
             r = httpx.post(f"{base}/v1/completions", headers={"Authorization": f"Bearer {key}"},
                            json={"prompt": prompt, "max_tokens": 1})

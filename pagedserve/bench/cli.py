@@ -50,6 +50,10 @@ def _add_throughput(sub, add_engine_args) -> None:
                    help="the machine's matrix peak in GFLOP/s, printed for orientation")
     p.add_argument("--save-result", default=None, help="write every number, the machine, date and command to this JSON file")
     p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    p.add_argument("--profile-steps", default=None, metavar="START:COUNT",
+                   help="torch.profiler over these engine steps of the first run (its timings then include "
+                        "profiler overhead)")
+    p.add_argument("--profile-out", default="profile.txt", help="where --profile-steps writes the op table")
     add_engine_args(p)
     p.set_defaults(func=cmd_throughput)
 
@@ -68,25 +72,38 @@ def cmd_throughput(args) -> int:
     config = engine_config(args)
     result = {**result_header(args), "workload": {"file": args.workload, **workload_summary(items)},
               "temperature": args.temperature, "peak_gflops": args.peak_gflops, "engine_runs": [], "warnings": []}
-    for policy in _engine_policies(config.kv_reservation, args.compare_reservation):
-        r = run_engine_config(config.replace(kv_reservation=policy), items, args.temperature, not args.quiet)
+    profiler = None
+    if args.profile_steps:
+        from pagedserve.bench.profile import StepProfiler, parse_window
+        profiler = StepProfiler(*parse_window(args.profile_steps), args.profile_out)
+    for i, policy in enumerate(_engine_policies(config.kv_reservation, args.compare_reservation)):
+        r = run_engine_config(config.replace(kv_reservation=policy), items, args.temperature, not args.quiet,
+                              profiler if i == 0 else None)
         result["engine_runs"].append(r)
         if r["output_tokens"] != r["expected_output_tokens"]:
             result["warnings"].append(
                 f"kv_reservation={policy}: the engine generated {r['output_tokens']} output tokens where the "
                 f"workload asks {r['expected_output_tokens']} (ignore_eos): its numbers are not comparable")
+        _save_partial(args, result)
     if args.baseline == "hf":
         from pagedserve.bench.hf_baseline import run_hf_baseline
         from pagedserve.model.loader import default_model_path, resolve_dtype
         model_path = config.model or default_model_path()
         dtype = resolve_dtype(config.dtype, config.device)
-        result["hf"] = run_hf_baseline(model_path, dtype, items, args.hf_batch_sizes, not args.quiet)
+        result["hf"] = run_hf_baseline(model_path, dtype, items, args.hf_batch_sizes, not args.quiet,
+                                       on_run=lambda partial: _save_partial(args, {**result, "hf": partial}))
     result["ratios"] = throughput_ratios(result)
     print(format_throughput(result))
     if args.save_result:
         save_result(args.save_result, result)
         print(f"saved {args.save_result}")
     return 1 if result["warnings"] else 0
+
+
+def _save_partial(args, result: dict) -> None:
+    """Long runs save what they have after each part, so a late failure loses nothing."""
+    if args.save_result:
+        save_result(args.save_result, {**result, "partial": True})
 
 
 def throughput_ratios(result: dict) -> dict:

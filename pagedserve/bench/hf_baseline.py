@@ -89,14 +89,21 @@ def run_hf_static(model, items: list[WorkloadItem], batch_size: int, progress: b
 
 
 def run_hf_baseline(model_path: str, dtype: torch.dtype, items: list[WorkloadItem], batch_sizes: list[int],
-                    progress: bool = False) -> dict:
-    """run_hf_static at each batch size on one loaded model; 'best' is the highest output tokens/s."""
+                    progress: bool = False, on_run=None) -> dict:
+    """run_hf_static at each batch size on one loaded model; 'best' is the highest output tokens/s.
+
+    on_run(partial_result) is called after each batch size (to save long runs as they go).
+    """
     import transformers
     t0 = time.perf_counter()
     model = load_hf_model(model_path, dtype)
-    load_s = time.perf_counter() - t0
-    runs = [run_hf_static(model, items, bs, progress) for bs in batch_sizes]
-    best = max(runs, key=lambda r: r["output_tokens_per_s"])
-    return {"model_path": model_path, "transformers": transformers.__version__, "load_s": load_s,
-            "weights": f"{type(model.get_output_embeddings()).__name__} in {model.dtype}",
-            "runs": runs, "best": best}
+    # records that transformers dequantized a GGUF file into plain Linear layers in dtype, as we do
+    mlp = next((m for n, m in model.named_modules() if n.endswith("down_proj")), None)
+    out = {"model_path": model_path, "transformers": transformers.__version__, "load_s": time.perf_counter() - t0,
+           "mlp_layers": f"{type(mlp).__name__} in {model.dtype}", "runs": []}
+    for bs in batch_sizes:
+        out["runs"].append(run_hf_static(model, items, bs, progress))
+        out["best"] = max(out["runs"], key=lambda r: r["output_tokens_per_s"])
+        if on_run is not None:
+            on_run(out)
+    return out

@@ -33,10 +33,16 @@ def _cpu_flags() -> list[str]:
     return []
 
 
+_THREAD_ENV = ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME", "MKL_NUM_THREADS")
+
+
 def machine_info() -> dict:
     """The machine a number was measured on; torch is imported lazily so `bench serve` needs none."""
     info = {"cpu": _cpu_model(), "cpu_count": os.cpu_count(), "cpu_flags": _cpu_flags(),
-            "platform": platform.platform(), "python": platform.python_version()}
+            "platform": platform.platform(), "python": platform.python_version(),
+            "loadavg_1min": os.getloadavg()[0],
+            # thread settings change CPU timings a lot on shared cores
+            "env": {k: os.environ[k] for k in _THREAD_ENV if k in os.environ}}
     if "torch" in sys.modules:
         import torch
         info.update(torch=torch.__version__, torch_threads=torch.get_num_threads(),

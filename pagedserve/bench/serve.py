@@ -11,6 +11,7 @@ import asyncio
 import json
 import math
 import random
+import sys
 import time
 
 import httpx
@@ -127,7 +128,7 @@ async def run_serve_benchmark_async(base_url: str, items: list[WorkloadItem], *,
                                            item.prompt_len, headers, t0)
             done += 1
             if progress and (done % max(1, len(items) // 10) == 0 or done == len(items)):
-                print(f"  {done}/{len(items)} requests done, {time.perf_counter() - t0:.0f} s", flush=True)
+                print(f"  {done}/{len(items)} requests done, {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
             return r
 
         t0 = time.perf_counter()

@@ -21,8 +21,12 @@ def engine_params(item: WorkloadItem, temperature: float = 0.0):
     return SamplingParams(max_tokens=item.max_tokens, ignore_eos=True, temperature=temperature)
 
 
-def run_engine(engine, items: list[WorkloadItem], temperature: float = 0.0, progress: bool = False) -> dict:
-    """Run items through a fresh LLMEngine (all submitted at once); returns the measured numbers."""
+def run_engine(engine, items: list[WorkloadItem], temperature: float = 0.0, progress: bool = False,
+               profiler=None) -> dict:
+    """Run items through a fresh LLMEngine (all submitted at once); returns the measured numbers.
+
+    profiler: a bench.profile.StepProfiler to call around each step, or None.
+    """
     out_tokens = {it.id: 0 for it in items}
     cached = {it.id: 0 for it in items}
     running_sum = blocks_sum = steps = max_running = 0
@@ -33,6 +37,8 @@ def run_engine(engine, items: list[WorkloadItem], temperature: float = 0.0, prog
         engine.add_request(it.id, {"prompt_token_ids": it.prompt_token_ids}, engine_params(it, temperature))
     last_report = t0
     while engine.has_unfinished_requests():
+        if profiler is not None:
+            profiler.before_step(steps)
         for out in engine.step():
             out_tokens[out.request_id] += sum(len(c.token_ids) for c in out.outputs)
             cached[out.request_id] = out.num_cached_tokens
@@ -41,6 +47,8 @@ def run_engine(engine, items: list[WorkloadItem], temperature: float = 0.0, prog
         running_sum += running
         max_running = max(max_running, running)
         blocks_sum += engine.kv_cache.pool.num_used_blocks
+        if profiler is not None:
+            profiler.after_step(steps, f"{running} running, {len(engine.scheduler.waiting)} waiting")
         steps += 1
         load.poll()
         if progress and time.perf_counter() - last_report > 10:
@@ -49,6 +57,8 @@ def run_engine(engine, items: list[WorkloadItem], temperature: float = 0.0, prog
             print(f"  [{engine.config.kv_reservation}] {last_report - t0:6.0f} s  {done} output tokens  "
                   f"{done / (last_report - t0):.1f} tok/s  running {running}", file=sys.stderr, flush=True)
     elapsed = time.perf_counter() - t0
+    if profiler is not None:
+        profiler.close()
     stats = engine.stats()
 
     prompt = sum(it.prompt_len for it in items)
@@ -73,19 +83,19 @@ def run_engine(engine, items: list[WorkloadItem], temperature: float = 0.0, prog
         "prefix_cache_queries": queries, "prefix_cache_hits": stats["prefix_cache_hits"],
         "prefix_hit_rate": stats["prefix_cache_hits"] / queries if queries else 0.0,
         "cached_prompt_tokens": sum(cached.values()),
-        **load.summary(),
+        **load.summary(), "profiled": profiler is not None,
     }
 
 
 def run_engine_config(config: EngineConfig, items: list[WorkloadItem], temperature: float = 0.0,
-                      progress: bool = False) -> dict:
+                      progress: bool = False, profiler=None) -> dict:
     """Load an engine for config, run the items, free it (model load time reported apart)."""
     from pagedserve.engine import LLMEngine
     t0 = time.perf_counter()
     engine = LLMEngine(config)
     load_s = time.perf_counter() - t0
     try:
-        result = run_engine(engine, items, temperature, progress)
+        result = run_engine(engine, items, temperature, progress, profiler)
     finally:
         del engine
         gc.collect()

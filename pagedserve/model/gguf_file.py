@@ -1,7 +1,10 @@
 """GGUF files (llama.cpp's format): metadata -> ModelConfig, tensors -> HF-named float tensors.
 
-The `gguf` package parses the file and dequantizes; what is ours is the mapping of llama.cpp's
-names and layouts back onto the Hugging Face checkpoint that the model's `load_weights` takes.
+Parsing and dequantizing are libraries' work: transformers' GGUF reader where this transformers
+has it (reads only what it needs, dequantizes with torch: well under a second for the default
+model), else the `gguf` package (parses every vocabulary string up front: a few seconds). What is
+ours is mapping llama.cpp's names and q/k layout back onto the Hugging Face checkpoint that the
+model's `load_weights` takes.
 """
 from __future__ import annotations
 
@@ -31,19 +34,51 @@ _LAYER_RE = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
 ROPE_FREQS = "rope_freqs.weight"
 
 
-def open_gguf(path: str):
-    from gguf import GGUFReader
-    return GGUFReader(path)
+class GGUFFile:
+    """A GGUF file read through transformers' reader: `metadata` (string arrays such as the
+    vocabulary appear as their length), `tensor_names`, and `tensor(name)` in float32."""
+
+    def __init__(self, path: str):
+        from transformers.integrations.gguf.reader import GgufHeader, load_gguf_state_dict, read_gguf_metadata
+        self.path = path
+        self.metadata, names = read_gguf_metadata(path)
+        self.tensor_names = list(names)
+        self._header = GgufHeader.from_file(path)
+        self._infos = {t.name: t for t in self._header.tensors}
+        self._lazy = load_gguf_state_dict(self._header)
+
+    def tensor(self, name: str) -> torch.Tensor:
+        from transformers.integrations.gguf.dequant import GGML_BLOCK, dequantize
+        info, raw = self._infos[name], self._lazy[name][None]
+        if info.ggml_type in GGML_BLOCK:
+            raw = dequantize(raw.reshape(-1), info.ggml_type, torch.float32)
+        return raw.float().reshape(info.shape)
 
 
-def read_metadata(reader) -> dict[str, Any]:
-    """Scalar and short-list fields; the tokenizer's long lists are left to transformers."""
-    out: dict[str, Any] = {}
-    for key, f in reader.fields.items():
-        if key.startswith("tokenizer.ggml.") and len(f.data) > 1:
-            continue
-        out[key] = f.contents()
-    return out
+class GGUFPackageFile(GGUFFile):
+    """The same, read through the `gguf` package (for transformers without its own reader)."""
+
+    def __init__(self, path: str):
+        from gguf import GGUFReader
+        self.path = path
+        self._reader = GGUFReader(path)
+        self.metadata = {k: (len(f.data) if f.types[0].name == "ARRAY" and f.types[-1].name == "STRING"
+                             else f.contents())
+                         for k, f in self._reader.fields.items() if not k.startswith("GGUF.")}  # header, not metadata
+        self._tensors = {t.name: t for t in self._reader.tensors}
+        self.tensor_names = list(self._tensors)
+
+    def tensor(self, name: str) -> torch.Tensor:
+        from gguf import dequantize
+        t = self._tensors[name]
+        return torch.from_numpy(np.array(dequantize(t.data, t.tensor_type), dtype=np.float32))  # a copy off the map
+
+
+def open_gguf(path: str) -> GGUFFile:
+    try:
+        return GGUFFile(path)
+    except ImportError:
+        return GGUFPackageFile(path)
 
 
 def hf_name(gguf_name: str) -> str:
@@ -56,29 +91,25 @@ def hf_name(gguf_name: str) -> str:
     return f"model.layers.{m.group(1)}.{_LAYER_NAMES[m.group(2)]}.{m.group(3)}"
 
 
-def config_from_gguf(reader) -> ModelConfig:
-    meta = read_metadata(reader)
+def config_from_gguf(f: GGUFFile) -> ModelConfig:
+    meta = f.metadata
     arch = meta.get("general.architecture")
     if arch not in GGUF_ARCHITECTURES:
-        raise ValueError(f"unsupported GGUF architecture {arch!r}; supported: {', '.join(GGUF_ARCHITECTURES)}")
-    tensor_names = {t.name for t in reader.tensors}
+        raise ValueError(f"unsupported GGUF architecture {arch!r} in {f.path}; supported: {', '.join(GGUF_ARCHITECTURES)}")
+    names = set(f.tensor_names)
 
     def get(key: str, default: Any = None) -> Any:
         return meta.get(f"{arch}.{key}", default)
 
-    heads = get("attention.head_count")
-    hidden = get("embedding_length")
-    vocab = get("vocab_size") or len(reader.fields["tokenizer.ggml.tokens"].data)
+    heads, hidden = get("attention.head_count"), get("embedding_length")
+    vocab = get("vocab_size") or meta.get("tokenizer.ggml.tokens")  # the latter: the vocabulary's length
     scaling_type = get("rope.scaling.type", "none")
     scaling = None
     if scaling_type == "linear":
         scaling = {"rope_type": "linear", "factor": float(get("rope.scaling.factor"))}
     elif scaling_type not in ("none", None):
         raise ValueError(f"GGUF rope scaling type {scaling_type!r} is not supported; supported: linear")
-    freq_factors = None
-    if ROPE_FREQS in tensor_names:
-        t = next(t for t in reader.tensors if t.name == ROPE_FREQS)
-        freq_factors = tuple(float(x) for x in np.asarray(t.data, dtype=np.float32).reshape(-1))
+    factors = tuple(f.tensor(ROPE_FREQS).reshape(-1).tolist()) if ROPE_FREQS in names else None
     eos = meta.get("tokenizer.ggml.eos_token_id")
     return ModelConfig(
         architecture=GGUF_ARCHITECTURES[arch],
@@ -94,11 +125,11 @@ def config_from_gguf(reader) -> ModelConfig:
         rope_theta=float(get("rope.freq_base", 10000.0)),
         max_position_embeddings=int(get("context_length")),
         rope_scaling=scaling,
-        rope_freq_factors=freq_factors,
-        tie_word_embeddings="output.weight" not in tensor_names,
-        attention_bias="blk.0.attn_q.bias" in tensor_names,
-        o_proj_bias="blk.0.attn_output.bias" in tensor_names,
-        mlp_bias="blk.0.ffn_up.bias" in tensor_names,
+        rope_freq_factors=factors,
+        tie_word_embeddings="output.weight" not in names,
+        attention_bias="blk.0.attn_q.bias" in names,
+        o_proj_bias="blk.0.attn_output.bias" in names,
+        mlp_bias="blk.0.ffn_up.bias" in names,
         bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
         eos_token_ids=() if eos is None else (int(eos),),
     )
@@ -111,19 +142,16 @@ def unpermute_rope_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     return w.reshape(n_heads, -1, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
 
 
-def iter_gguf_weights(reader, cfg: ModelConfig, dtype: torch.dtype,
+def iter_gguf_weights(f: GGUFFile, cfg: ModelConfig, dtype: torch.dtype,
                       device: torch.device | str = "cpu") -> Iterator[tuple[str, torch.Tensor]]:
-    """Dequantize every tensor to float32, restore HF layout, cast to `dtype`; yields (HF name, tensor)."""
-    from gguf import dequantize
-    for t in reader.tensors:
-        if t.name == ROPE_FREQS:
+    """Dequantize every tensor to float32, restore HF layout, cast to `dtype` (one rounding);
+    yields (HF name, tensor)."""
+    for gguf_name in f.tensor_names:
+        if gguf_name == ROPE_FREQS:
             continue  # folded into the config's rope_freq_factors
-        name = hf_name(t.name)
-        arr = np.ascontiguousarray(dequantize(t.data, t.tensor_type), dtype=np.float32)
-        if not arr.flags.writeable:
-            arr = arr.copy()  # unquantized tensors come back as read-only views of the file map
-        w = torch.from_numpy(arr)
-        if cfg.model_type == "llama":
+        name = hf_name(gguf_name)
+        w = f.tensor(gguf_name)
+        if cfg.model_type == "llama":  # llama.cpp permutes q/k of LLaMA-architecture files only
             if ".q_proj." in name:
                 w = unpermute_rope_rows(w, cfg.num_attention_heads)
             elif ".k_proj." in name:

@@ -6,12 +6,9 @@ in llama.cpp bindings we do not need). Nothing here downloads.
 """
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from typing import Any, Iterator
 
@@ -91,9 +88,9 @@ def load_model(model: str | None = None, dtype: str | torch.dtype = "auto", devi
     run_dtype = resolve_dtype(dtype, device)
     kind = _source_kind(path)
     if kind == "gguf":
-        reader = gguf_file.open_gguf(path)
-        cfg = gguf_file.config_from_gguf(reader)
-        weights = gguf_file.iter_gguf_weights(reader, cfg, run_dtype, device)
+        f = gguf_file.open_gguf(path)
+        cfg = gguf_file.config_from_gguf(f)
+        weights = gguf_file.iter_gguf_weights(f, cfg, run_dtype, device)
     else:
         cfg = read_hf_config(path)
         weights = _iter_safetensors(path, run_dtype, device)
@@ -119,45 +116,14 @@ def load_tokenizer(path: str):
     from transformers import AutoTokenizer
     path = os.path.abspath(os.path.expanduser(path))
     if _source_kind(path) == "gguf":
-        return _gguf_tokenizer(path)
+        # Not AutoTokenizer: for a GGUF it first parses the whole file again through the slow legacy
+        # reader only to pick a class (~6 s for the default model); the fast class builds the
+        # same tokenizer from the same file fields, chat template included (tested).
+        from transformers import PreTrainedTokenizerFast
+        return PreTrainedTokenizerFast.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path))
     if not any(os.path.isfile(os.path.join(path, f)) for f in _TOKENIZER_FILES):
         raise FileNotFoundError(f"no tokenizer in {path}: expected one of {', '.join(_TOKENIZER_FILES)}")
     return AutoTokenizer.from_pretrained(path)
-
-
-def tokenizer_cache_dir() -> str:
-    """Where tokenizers converted from GGUF files are kept: $PAGEDSERVE_CACHE_DIR or ~/.cache/pagedserve."""
-    root = os.environ.get("PAGEDSERVE_CACHE_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "pagedserve")
-    return os.path.join(root, "tokenizers")
-
-
-def _gguf_tokenizer(path: str):
-    """transformers rebuilds a GGUF's tokenizer from its vocabulary lists, which takes seconds
-    (the file's metadata is parsed again); the result is saved once in HF form and reloaded
-    from there (under a second). The key covers the file's identity and the transformers version."""
-    import transformers
-    from transformers import AutoTokenizer
-    st = os.stat(path)
-    key = hashlib.sha256(f"{os.path.realpath(path)}|{st.st_size}|{st.st_mtime_ns}|{transformers.__version__}"
-                         .encode()).hexdigest()[:24]
-    cached = os.path.join(tokenizer_cache_dir(), key)
-    if os.path.isfile(os.path.join(cached, "tokenizer.json")):
-        try:
-            return AutoTokenizer.from_pretrained(cached)
-        except Exception:  # a damaged entry: rebuild it below
-            shutil.rmtree(cached, ignore_errors=True)
-    tok = AutoTokenizer.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path))
-    tmp = None
-    try:  # write aside, then rename: concurrent loaders never see half an entry
-        os.makedirs(tokenizer_cache_dir(), exist_ok=True)
-        tmp = tempfile.mkdtemp(dir=tokenizer_cache_dir())
-        tok.save_pretrained(tmp)
-        os.replace(tmp, cached)
-    except OSError:  # no cache this time (read-only home, or a racing writer got there first)
-        if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
-    return tok
 
 
 def read_hf_config(folder: str) -> ModelConfig:

@@ -175,5 +175,8 @@ def run_server(args: argparse.Namespace, engine_config: EngineConfig) -> int:
 
     server = Server(uvicorn.Config(app, host=config.host, port=config.port, log_level=config.log_level,
                                    timeout_graceful_shutdown=5))
-    server.run()
+    try:
+        server.run()
+    except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C it shut down for; the shutdown was clean
+        pass
     return 0 if server.started else 1

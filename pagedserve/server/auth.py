@@ -77,7 +77,7 @@ def cache_salt(identity: str, request_salt: str | None, shared_prefix_cache: boo
     so one tenant can never get a cache hit (and its timing) on another tenant's prompt."""
     if shared_prefix_cache:
         return request_salt
-    return f"{identity}\x00{request_salt or ''}"
+    return json.dumps([identity, request_salt or ""])  # unambiguous: no name/salt pair forges another
 
 
 class AuthMiddleware:

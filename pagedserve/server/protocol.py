@@ -69,6 +69,8 @@ class _SamplingFields(_Body):
             raise bad_request(f"n must be between 1 and {MAX_N}, got {self.n}", "n")
         if self.stream_options is not None and not self.stream:
             raise bad_request("stream_options is only allowed when stream is true", "stream_options")
+        if self.seed is not None and not -2**63 <= self.seed < 2**63:
+            raise bad_request(f"seed must be a 64-bit signed integer, got {self.seed}", "seed")
         if self.logit_bias:
             raise bad_request("logit_bias is not supported", "logit_bias")
 
@@ -84,8 +86,9 @@ class _SamplingFields(_Body):
                 repetition_penalty=self.repetition_penalty, logprobs=logprobs,
                 skip_special_tokens=self.skip_special_tokens,
                 include_stop_str_in_output=self.include_stop_str_in_output)
-        except ValueError as e:
-            raise bad_request(str(e)) from None
+        except ValueError as e:  # SamplingParams' messages start with the field's name
+            field = str(e).split(" ", 1)[0]
+            raise bad_request(str(e), field if field in type(self).model_fields else None) from None
 
     @property
     def include_usage(self) -> bool:

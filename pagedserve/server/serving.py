@@ -109,6 +109,7 @@ class OpenAIServing:
 
     # ---- generation ---------------------------------------------------------------------------
     async def completions(self, body: CompletionRequest, request: Request) -> Response:
+        audit(request, model=body.model)
         model = self.check_model(body.model)
         params = body.to_sampling_params()
         prompts = []
@@ -123,6 +124,7 @@ class OpenAIServing:
         return await self._generate(job, request)
 
     async def chat(self, body: ChatCompletionRequest, request: Request) -> Response:
+        audit(request, model=body.model)
         model = self.check_model(body.model)
         params = body.to_sampling_params()
         ids = self._chat_tokens(body.conversation(), body.add_generation_prompt, body.chat_template_kwargs)
