@@ -42,4 +42,4 @@ class ModelRunner:
         hidden = self.model(input_ids, pos, self.kv_caches, meta)  # [T, H]
         last = meta.query_start_loc[1:] - 1
         sample_rows = torch.tensor([i for i, s in enumerate(seqs) if s.sample], dtype=torch.int64, device=self.device)
-        return self.model.compute_logits(hidden[last[sample_rows]]).float()
+        return self.model.compute_logits(hidden[last[sample_rows]])

@@ -43,10 +43,13 @@ class Scheduler:
             raise ValueError(f"this model's maximum context length is {limit} tokens, but the request has "
                              f"{n} prompt tokens and asks for {max_tokens} completion tokens ({n + max_tokens} in all)")
         B, pool = self.kv_cache.block_size, self.kv_cache.pool.num_blocks
+        samples = request.sampling_params.n
+        # n samples share the prompt's full blocks; each needs its own tail and output blocks.
         needed = max(cdiv(n + max_tokens, B), self.kv_cache._reserved_blocks(request))
+        needed += (samples - 1) * (needed - n // B)
         if needed > pool:
             raise ValueError(f"the request needs {needed} KV cache blocks ({n} prompt + {max_tokens} completion "
-                             f"tokens), more than the whole pool of {pool} blocks of {B} tokens")
+                             f"tokens, n={samples}), more than the whole pool of {pool} blocks of {B} tokens")
 
     def add_request(self, request: Request) -> None:
         self.check_request(request)

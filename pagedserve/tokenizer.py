@@ -1,23 +1,13 @@
 """Text in and out: loading the HF tokenizer, chat templates, incremental detokenization, stop strings."""
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Sequence
 
+from pagedserve.model.loader import load_tokenizer  # noqa: F401  (re-exported: text in and out live here)
 from pagedserve.sampling_params import SamplingParams
 
 REPLACEMENT = "\ufffd"  # what a decoder shows for bytes that are not (yet) a whole UTF-8 character
-
-
-def load_tokenizer(model: str):
-    """An HF tokenizer from a model folder or a .gguf file (transformers parses the GGUF vocabulary)."""
-    from transformers import AutoTokenizer
-
-    if model.endswith(".gguf"):
-        return AutoTokenizer.from_pretrained(os.path.dirname(os.path.abspath(model)),
-                                             gguf_file=os.path.basename(model))
-    return AutoTokenizer.from_pretrained(model)
 
 
 def encode_prompt(tokenizer, text: str) -> list[int]:

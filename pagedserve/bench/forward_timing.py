@@ -3,21 +3,35 @@
     python -m pagedserve.bench.forward_timing [--model M] [--dtypes float32,bfloat16]
         [--decode-batches 1,16,64] [--context 256] [--prefill 512] [--threads N] [--repeat 10]
 
-Decode rows: B sequences, each with `context` tokens already cached, one new token each.
-Prefill row: one sequence of `prefill` new tokens. "forward" is the model's forward (all layers
-and final norm); "+logits" adds compute_logits on the rows a runner samples (last token of each
-sequence). GB/s counts the weight bytes one forward must read (the lm_head only in +logits).
-Output: a markdown table.
+Load: `load_model` timed in a fresh interpreter (after `import torch`), as a server start sees it.
+Decode rows: B sequences, each with `context` tokens in the cache, one new token each. Prefill
+row: one sequence of `prefill` new tokens. "forward" is the model's forward (all layers and the
+final norm); "attention" is the part of it spent in the paged attention op (the forward again
+with the op stubbed out, subtracted); "+logits" adds compute_logits on the rows a runner samples
+(the last token of each sequence). GB/s: weight bytes a forward reads (the lm_head excluded) per
+second; GFLOP/s: 2 x matmul weights x tokens per second. Output: a markdown table.
 """
 from __future__ import annotations
 
 import argparse
 import statistics
+import subprocess
+import sys
 import time
+from unittest import mock
 
 import torch
 
 from pagedserve.attention import AttentionMetadata
+
+_LOAD_SNIPPET = """
+import time, torch
+torch.set_num_threads({threads})
+from pagedserve.model import load_model
+t = time.perf_counter()
+load_model({model!r}, dtype={dtype!r})
+print(time.perf_counter() - t)
+"""
 
 
 def _time(fn, repeat: int) -> float:
@@ -30,6 +44,13 @@ def _time(fn, repeat: int) -> float:
         fn()
         times.append(time.perf_counter() - t)
     return statistics.median(times)
+
+
+def load_seconds(model: str | None, dtype: str) -> float:
+    """Seconds load_model takes in a fresh interpreter (imports of torch and pagedserve excluded)."""
+    code = _LOAD_SNIPPET.format(threads=torch.get_num_threads(), model=model, dtype=dtype)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    return float(out.split()[-1])
 
 
 def _batch(cfg, dtype, num_seqs: int, context: int, new: int, block_size: int = 16):
@@ -48,27 +69,29 @@ def _batch(cfg, dtype, num_seqs: int, context: int, new: int, block_size: int = 
 def run(model: str | None, dtypes: list[str], decode_batches: list[int], context: int, prefill: int,
         repeat: int) -> list[str]:
     from pagedserve.model import load_model
-    import transformers  # noqa: F401  (imported up front, so load times exclude it)
 
-    rows = ["| dtype | load (s) | batch | tokens | forward (ms) | +logits (ms) | tokens/s | weights GB/s |",
-            "|---|---|---|---|---|---|---|---|"]
+    rows = ["| dtype | load (s) | batch | tokens | forward (ms) | attention (ms) | +logits (ms) | tokens/s "
+            "| weights GB/s | GFLOP/s |",
+            "|---|---|---|---|---|---|---|---|---|---|"]
     for name in dtypes:
-        t = time.perf_counter()
+        load_s = load_seconds(model, name)
         lm = load_model(model, dtype=name)
-        load_s = time.perf_counter() - t
         m, cfg = lm.model, lm.config
-        body_bytes = sum(p.numel() * p.element_size() for n, p in m.named_parameters()
-                         if not n.startswith(("embed_tokens", "lm_head")))
+        body = [p for n, p in m.named_parameters() if n.startswith("layers.") and p.dim() == 2]
+        body_bytes = sum(p.numel() * p.element_size() for p in body)
+        body_params = sum(p.numel() for p in body)
         cases = [(f"decode x{b}, ctx {context}", b, context, 1) for b in decode_batches]
         cases.append((f"prefill {prefill}", 1, prefill, prefill))
         for label, num_seqs, ctx, new in cases:
             kv, meta, ids, pos, last = _batch(cfg, lm.dtype, num_seqs, ctx, new)
             fwd = _time(lambda: m(ids, pos, kv, meta), repeat)
+            with mock.patch("pagedserve.model.llama.paged_attention", lambda q, *a: q):
+                no_attn = _time(lambda: m(ids, pos, kv, meta), repeat)
             full = _time(lambda: m.compute_logits(m(ids, pos, kv, meta)[last]), repeat)
-            gbs = body_bytes / fwd / 1e9
-            rows.append(f"| {name} | {load_s:.1f} | {label} | {len(ids)} | {fwd * 1e3:.1f} | {full * 1e3:.1f} | "
-                        f"{len(ids) / full:,.0f} | {gbs:.1f} |")
-        del lm, m
+            rows.append(f"| {name} | {load_s:.1f} | {label} | {len(ids)} | {fwd * 1e3:.1f} | "
+                        f"{max(fwd - no_attn, 0) * 1e3:.1f} | {full * 1e3:.1f} | {len(ids) / full:,.0f} | "
+                        f"{body_bytes / fwd / 1e9:.1f} | {2 * body_params * len(ids) / fwd / 1e9:.0f} |")
+        del lm
     return rows
 
 

@@ -51,7 +51,8 @@ class ModelConfig:
                              f"num_key_value_heads ({self.num_key_value_heads})")
         rope_type = (self.rope_scaling or {}).get("rope_type", "default")
         if rope_type not in SUPPORTED_ROPE_TYPES:
-            raise ValueError(f"rope scaling type {rope_type!r} is not supported; supported: {', '.join(SUPPORTED_ROPE_TYPES)}")
+            raise ValueError(f"rope scaling type {rope_type!r} is not supported; "
+                             f"supported: {', '.join(SUPPORTED_ROPE_TYPES)}")
         missing = [k for k in _ROPE_KEYS.get(rope_type, ()) if k not in self.rope_scaling]
         if missing:
             raise ValueError(f"rope scaling {rope_type!r} needs {', '.join(missing)} in the config")

@@ -95,7 +95,8 @@ def config_from_gguf(f: GGUFFile) -> ModelConfig:
     meta = f.metadata
     arch = meta.get("general.architecture")
     if arch not in GGUF_ARCHITECTURES:
-        raise ValueError(f"unsupported GGUF architecture {arch!r} in {f.path}; supported: {', '.join(GGUF_ARCHITECTURES)}")
+        raise ValueError(f"unsupported GGUF architecture {arch!r} in {f.path}; "
+                         f"supported: {', '.join(GGUF_ARCHITECTURES)}")
     names = set(f.tensor_names)
 
     def get(key: str, default: Any = None) -> Any:

@@ -76,7 +76,8 @@ class RMSNorm(nn.Module):
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.num_heads, self.num_kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
+        self.head_dim = cfg.head_dim
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
         self.qkv_proj = nn.Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.attention_bias)
@@ -175,7 +176,8 @@ class LlamaForCausalLM(nn.Module):
                              f"unexpected {unknown[:8]}{'...' if len(unknown) > 8 else ''}")
         for name, tensor in state.items():
             if tensor.shape != expected[name].shape:
-                raise ValueError(f"tensor {name} has shape {tuple(tensor.shape)}, expected {tuple(expected[name].shape)}")
+                raise ValueError(f"tensor {name} has shape {tuple(tensor.shape)}, "
+                                 f"expected {tuple(expected[name].shape)}")
         self.load_state_dict(state, strict=True, assign=True)
 
 

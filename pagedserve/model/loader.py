@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from typing import Any, Iterator
 
 import torch
-from torch import nn
 
 from pagedserve.model import gguf_file
 from pagedserve.model.config import SUPPORTED_ARCHITECTURES, ModelConfig
@@ -187,7 +186,3 @@ def _iter_safetensors(folder: str, dtype: torch.dtype, device: torch.device) -> 
         with safe_open(file, framework="pt", device="cpu") as f:
             for name in f.keys():
                 yield name, f.get_tensor(name).to(device=device, dtype=dtype)
-
-
-def param_count(net: nn.Module) -> int:
-    return sum(p.numel() for p in net.parameters())

@@ -148,8 +148,8 @@ def usage_banner(config: ServerConfig, model: str) -> str:
     auth = ' -H "Authorization: Bearer $API_KEY"' if config.identities.required else ""
     lines = [f"pagedserve {pagedserve.__version__}: serving model {model!r} at {base}/v1 (OpenAI-compatible)",
              f"  curl {base}/v1/chat/completions -H 'Content-Type: application/json'{auth} -d {shlex.quote(body)}",
-             f"  endpoints: /v1/models /v1/completions /v1/chat/completions /tokenize /detokenize "
-             f"/health /version /metrics"]
+             "  endpoints: /v1/models /v1/completions /v1/chat/completions /tokenize /detokenize "
+             "/health /version /metrics"]
     if config.identities.required:
         lines.append(f"  API keys: {len(config.identities.keys)} configured; /health is open, the rest need one")
     return "\n".join(lines)
