@@ -446,3 +446,18 @@ def test_default_model_bfloat16_agrees_with_float32(real):
           f"identical prefixes {prefix} of {[len(c) for c in conts]}")
     assert top1 / total > 0.9
     assert all(n >= 2 for n in prefix)  # the answers start the same
+
+
+@pytest.mark.slow
+def test_engine_greedy_matches_transformers_alone_and_batched(real):
+    """The whole engine (scheduler, paged cache, sampler), not only the model: alone, then batched
+    (the batched run also takes its prompts' blocks from the prefix cache the first runs left)."""
+    from pagedserve import LLM, SamplingParams
+    lm, ref, prompts, conts = real
+    llm = LLM(dtype="float32", num_kv_blocks=256)
+    params = SamplingParams(temperature=0, max_tokens=MAX_NEW)
+    for p, c in zip(prompts, conts):
+        assert llm.generate([{"prompt_token_ids": p}], params, use_tqdm=False)[0].outputs[0].token_ids == c
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outs] == conts
+    assert llm.stats()["prefix_cache_hits"] > 0

@@ -65,6 +65,8 @@ def _engine_policies(configured: str, compare: bool) -> list[str]:
 
 
 def cmd_throughput(args) -> int:
+    import torch  # noqa: F401  (loaded first so the result's machine record carries its version and threads)
+
     from pagedserve.bench.throughput import run_engine_config
     from pagedserve.cli import engine_config
 
