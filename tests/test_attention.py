@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from pagedserve.attention import AttentionMetadata, copy_blocks, paged_attention, write_kv_cache
+from pagedserve.attention import AttentionMetadata, copy_blocks, cpu_kernel, paged_attention, write_kv_cache
 from pagedserve.attention import torch_backend
 from pagedserve.attention.torch_backend import decode_tiles
 
@@ -65,6 +65,16 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     return ((out.double() - ref).abs().max() / ref.abs().max()).item()
 
 
+@pytest.fixture(params=["kernel", "torch"])
+def decode_path(request, monkeypatch):
+    """Run a test on both decode paths: the fused CPU kernel (cpu_kernel.py) and the torch code."""
+    if request.param == "torch":
+        monkeypatch.setenv(cpu_kernel.ENV_SWITCH, "torch")
+    else:
+        assert cpu_kernel.load_library() is not None
+    return request.param
+
+
 # (cached_len, query_len): decodes at lengths off block boundaries, prefills from position 0,
 # and prefills on top of cached context (prefix hit or an earlier chunk).
 MIXED = [(0, 1), (16, 1), (36, 1), (5, 1), (70, 1), (0, 23), (0, 1), (17, 9), (32, 40), (3, 1), (64, 16)]
@@ -72,7 +82,7 @@ MIXED = [(0, 1), (16, 1), (36, 1), (5, 1), (70, 1), (0, 23), (0, 1), (17, 9), (3
 
 @pytest.mark.parametrize("block_size", [1, 8, 16, 32])
 @pytest.mark.parametrize("gqa", [1, 3])
-def test_mixed_batch_matches_dense_reference(block_size, gqa):
+def test_mixed_batch_matches_dense_reference(block_size, gqa, decode_path):
     q, k, v, kc, vc, meta, fk, fv = make_batch(MIXED, block_size, gqa, torch.float32, seed=block_size * 10 + gqa)
     assert meta.num_decodes == 5
     scale = HEAD_DIM ** -0.5
@@ -86,14 +96,15 @@ def test_mixed_batch_matches_dense_reference(block_size, gqa):
     [(0, 33)],  # one prefill from position 0
     [(45, 19), (0, 8)],  # prefill only, the first on cached context
 ])
-def test_decode_only_and_prefill_only_batches(specs):
+def test_decode_only_and_prefill_only_batches(specs, decode_path):
     q, k, v, kc, vc, meta, fk, fv = make_batch(specs, 8, 3, torch.float32, seed=len(specs))
     out = paged_attention(q, k, v, kc, vc, meta, 0.3)
     assert rel_err(out, dense_reference(q, fk, fv, meta.query_lens_list, 0.3)) < 1e-5
 
 
 def test_tiled_decode_matches_reference(monkeypatch):
-    # A tiny tile budget forces the sorted multi-tile decode path, including tiles of one sequence.
+    # A tiny tile budget forces the torch path's sorted multi-tile decode, including tiles of one sequence.
+    monkeypatch.setenv(cpu_kernel.ENV_SWITCH, "torch")
     monkeypatch.setattr(torch_backend, "DECODE_TILE_BYTES", 40 * NUM_KV_HEADS * HEAD_DIM * 4)
     lens = [37, 3, 90, 12, 12, 55, 1, 64, 20, 41]
     specs = [(n - 1, 1) for n in lens] + [(10, 6)]
@@ -115,14 +126,14 @@ def test_decode_tiles_cover_sorted_within_budget():
     assert decode_tiles(lens, 10**6)[1] == [(0, len(lens), 90)]
 
 
-def test_bfloat16_close_to_reference():
+def test_bfloat16_close_to_reference(decode_path):
     q, k, v, kc, vc, meta, fk, fv = make_batch(MIXED, 16, 3, torch.bfloat16, seed=3)
     out = paged_attention(q, k, v, kc, vc, meta, HEAD_DIM ** -0.5)
     assert out.dtype == torch.bfloat16
     assert rel_err(out, dense_reference(q, fk, fv, meta.query_lens_list, HEAD_DIM ** -0.5)) < 2e-2
 
 
-def test_strided_query_from_fused_projection():
+def test_strided_query_from_fused_projection(decode_path):
     # The model may hand q/k/v as views into one fused QKV output.
     q, k, v, kc, vc, meta, fk, fv = make_batch(MIXED, 8, 3, torch.float32, seed=11)
     fused = torch.cat([q.flatten(1), k.flatten(1), v.flatten(1)], dim=1)  # [T, (Hq + 2 Hkv) D]

@@ -1,15 +1,15 @@
-"""Fused CPU decode attention: a small C kernel (csrc/paged_decode.c) built at first use, called via ctypes.
+"""Fused CPU decode attention: a small C kernel (csrc/paged_decode.c), built at first use, called via ctypes.
 
-The torch decode path gathers every sequence's K/V through its block table into a padded copy and
-then runs a masked SDPA; the kernel reads the paged cache in place instead. It is compiled once per
-machine with the system C compiler into a cache folder (no torch headers, no ninja) and loaded with
-ctypes, which releases the GIL during the call. Without a compiler, or when the build fails, one
-warning is logged and callers keep the torch path.
+The torch decode path gathers every sequence's K/V through its block table into a padded copy, then
+runs a masked SDPA; the kernel reads the paged cache in place. It is compiled once per machine with
+the system C compiler (no torch headers, no ninja) into a cache folder and loaded with ctypes, which
+releases the GIL during the call. Without a compiler, or when the build fails, one warning is logged
+and `supports` answers False, so callers keep the torch path.
 
 Environment:
-  PAGEDSERVE_ATTENTION_KERNEL=torch  never use the kernel (compare, debug)
-  CC                                 the compiler (default `cc`)
-  XDG_CACHE_HOME                     the cache root (default ~/.cache); .so files go to pagedserve/kernels/
+  PAGEDSERVE_ATTENTION_KERNEL=torch  never use the kernel (comparisons, debugging); read on every call
+  CC                                 the C compiler command (default `cc`)
+  XDG_CACHE_HOME                     cache root (default ~/.cache); builds go to pagedserve/kernels/ in it
 """
 from __future__ import annotations
 
@@ -29,14 +29,15 @@ import torch
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("csrc") / "paged_decode.c"
-CFLAGS = ["-O3", "-march=native", "-shared", "-fPIC", "-std=gnu11"]
+# No -ffast-math: it would let the compiler reorder float sums and break the float32 accuracy bound.
+CFLAGS = ["-O3", "-march=native", "-std=gnu11", "-shared", "-fPIC"]
 LIBS = ["-lpthread"]
 ENV_SWITCH = "PAGEDSERVE_ATTENTION_KERNEL"
-_DTYPES = {torch.float32: 0, torch.bfloat16: 1}
+_DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}  # the C side's *_bf16 flags
 
 
 class DecodeArgs(ctypes.Structure):
-    """Mirror of DecodeArgs in paged_decode.c (same field order and types)."""
+    """Mirror of DecodeArgs in paged_decode.c (same field order and types; strides in elements)."""
     _fields_ = [
         ("q", ctypes.c_void_p), ("q_stride_s", ctypes.c_int64), ("q_stride_h", ctypes.c_int64),
         ("k_cache", ctypes.c_void_p), ("v_cache", ctypes.c_void_p),
@@ -51,7 +52,7 @@ class DecodeArgs(ctypes.Structure):
 
 
 def compiler() -> list[str]:
-    return shlex.split(os.environ.get("CC", "cc"))
+    return shlex.split(os.environ.get("CC") or "cc")
 
 
 def cache_dir() -> Path:
@@ -71,10 +72,15 @@ def _machine_key() -> str:
     return platform.machine() + platform.processor()
 
 
-def _build(cc: list[str], out_dir: Path) -> Path:
-    """Compile SOURCE into out_dir (once: the name hashes source, command and machine). Raises on failure."""
-    src = SOURCE.read_bytes()
-    key = hashlib.sha256(b"\0".join([src, " ".join(cc + CFLAGS + LIBS).encode(), _machine_key().encode()]))
+def build(cc: list[str], out_dir: Path) -> Path:
+    """Compile SOURCE into out_dir unless already there; returns the .so path. Raises on failure.
+
+    The file name hashes the source, the command and the machine, so each is built once; the
+    compiler writes a temporary name that is renamed into place, so a concurrent process never
+    loads a half-written file.
+    """
+    cmd = [*cc, *CFLAGS, "-o", "{out}", str(SOURCE), *LIBS]
+    key = hashlib.sha256(b"\0".join([SOURCE.read_bytes(), " ".join(cmd).encode(), _machine_key().encode()]))
     so = out_dir / f"paged_decode-{key.hexdigest()[:16]}.so"
     if so.exists():
         return so
@@ -82,11 +88,10 @@ def _build(cc: list[str], out_dir: Path) -> Path:
     fd, tmp = tempfile.mkstemp(prefix=so.stem + ".", suffix=".tmp", dir=out_dir)
     os.close(fd)
     try:
-        res = subprocess.run([*cc, *CFLAGS, "-o", tmp, str(SOURCE), *LIBS], capture_output=True, text=True,
-                             timeout=120)
+        res = subprocess.run([tmp if a == "{out}" else a for a in cmd], capture_output=True, text=True, timeout=120)
         if res.returncode != 0:
-            raise RuntimeError(f"{' '.join(cc)} exited with {res.returncode}: {res.stderr.strip()[-2000:]}")
-        os.replace(tmp, so)  # atomic: concurrent builders never load a half-written file
+            raise RuntimeError(f"`{' '.join(cc)}` exited with {res.returncode}: {res.stderr.strip()[-2000:]}")
+        os.replace(tmp, so)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -95,11 +100,11 @@ def _build(cc: list[str], out_dir: Path) -> Path:
 
 @functools.cache
 def load_library() -> ctypes.CDLL | None:
-    """The compiled kernel, built on first call; None (after one warning) when it cannot be built."""
+    """The compiled kernel, built on the first call; None, after one warning, when it cannot be built."""
     try:
-        lib = ctypes.CDLL(str(_build(compiler(), cache_dir())))
+        lib = ctypes.CDLL(str(build(compiler(), cache_dir())))
     except Exception as e:  # no compiler, build error, unwritable cache, bad .so: the torch path still works
-        log.warning("fused CPU decode attention unavailable, using the torch path: %s", e)
+        log.warning("fused CPU decode attention unavailable, decode attention uses the torch path: %s", e)
         return None
     lib.paged_decode.argtypes = [ctypes.POINTER(DecodeArgs), ctypes.c_int]
     lib.paged_decode.restype = ctypes.c_int
@@ -112,22 +117,27 @@ def enabled() -> bool:
 
 
 def supports(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
-    """Whether decode_attention can take these inputs (and the kernel is enabled and builds)."""
-    return (q.device.type == "cpu" and k_cache.device.type == "cpu" and q.dtype in _DTYPES
-            and k_cache.dtype in _DTYPES and enabled() and load_library() is not None)
+    """Whether decode_attention takes these inputs: CPU tensors of float32/bfloat16, kernel enabled and built."""
+    return (q.device.type == "cpu" and k_cache.device.type == "cpu" and q.dtype in _DTYPE_CODES
+            and k_cache.dtype in _DTYPE_CODES and enabled() and load_library() is not None)
 
 
 def decode_attention(out: torch.Tensor, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                      block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float,
                      num_threads: int | None = None) -> None:
-    """Decode attention straight from the paged cache into out. Check supports(q, k_cache) first.
+    """One query token per sequence, attended straight from the paged cache, written into out.
 
-    out, q: [S, Hq, D] (any strides with a contiguous last dim; out has q's dtype);
-    caches: [N, block_size, Hkv, D]; block_tables: [S, >= max blocks] int64; seq_lens: [S] int64.
+    out, q: [S, Hq, D], any strides with a contiguous last dim (q may be a view into a fused QKV
+    buffer); out has q's dtype. Caches: [N, block_size, Hkv, D], same dtype. block_tables: [S, >=
+    ceil(max seq_len / block_size)]; seq_lens: [S]. num_threads: default torch.get_num_threads().
+    Check supports(q, k_cache) first.
     """
     s, hq, d = q.shape
     _, bs, hkv, _ = k_cache.shape
-    assert out.shape == q.shape and out.dtype == q.dtype and out.stride(2) == 1 and v_cache.dtype == k_cache.dtype
+    if out.shape != q.shape or out.dtype != q.dtype or out.stride(2) != 1:
+        raise ValueError("out must match q's shape and dtype and have a contiguous last dim")
+    if v_cache.shape != k_cache.shape or v_cache.dtype != k_cache.dtype or hq % hkv:
+        raise ValueError("caches must match and Hq must be a multiple of Hkv")
     if q.stride(2) != 1:
         q = q.contiguous()
     k_cache, v_cache = k_cache.contiguous(), v_cache.contiguous()  # no-ops for engine caches
@@ -139,7 +149,6 @@ def decode_attention(out: torch.Tensor, q: torch.Tensor, k_cache: torch.Tensor, 
         q.data_ptr(), q.stride(0), q.stride(1), k_cache.data_ptr(), v_cache.data_ptr(),
         block_tables.data_ptr(), block_tables.stride(0), seq_lens.data_ptr(),
         out.data_ptr(), out.stride(0), out.stride(1), s, hq, hkv, d, bs, scale,
-        _DTYPES[q.dtype], _DTYPES[k_cache.dtype])
-    rc = load_library().paged_decode(ctypes.byref(args), num_threads or torch.get_num_threads())
-    if rc != 0:
+        _DTYPE_CODES[q.dtype], _DTYPE_CODES[k_cache.dtype])
+    if load_library().paged_decode(ctypes.byref(args), num_threads or torch.get_num_threads()) != 0:
         raise MemoryError("paged_decode: scratch allocation failed")

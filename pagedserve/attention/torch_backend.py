@@ -3,12 +3,15 @@
 One call per layer writes the step's new K/V into the paged cache, then attends every sequence
 through its block table. Device-agnostic: the same code runs on CPU and CUDA.
 
-Decodes (one query token each, the first `num_decodes` sequences) never loop per sequence. They are
-sorted by context length and cut into a few tiles of about `DECODE_TILE_BYTES` of gathered K; each
-tile is one gather through the block tables plus one masked `scaled_dot_product_attention`. Tiling
-keeps the gathered K/V cache-resident and trims padding (a tile is only as wide as its own longest
-context); on 2 CPU cores it measured 1.5-5x faster than one gather over the whole batch. GQA is
-handled by viewing the query as [S, Hkv, G, D], so K/V are never repeated per query head.
+Decodes (one query token each, the first `num_decodes` sequences) on the CPU go to the fused C
+kernel of cpu_kernel.py, which reads K/V in place through the block tables; when it cannot build,
+or PAGEDSERVE_ATTENTION_KERNEL=torch, the torch path below runs instead (it is also the reference).
+The torch path never loops per sequence: decodes are sorted by context length and cut into a few
+tiles of about `DECODE_TILE_BYTES` of gathered K; each tile is one gather through the block tables
+plus one masked `scaled_dot_product_attention`. Tiling keeps the gathered K/V cache-resident and
+trims padding (a tile is only as wide as its own longest context); on 2 CPU cores it measured
+1.5-5x faster than one gather over the whole batch. GQA is handled by viewing the query as
+[S, Hkv, G, D], so K/V are never repeated per query head.
 
 Prefill chunks (few and long) are attended one by one: a chunk starting at position 0 uses the
 step's own K/V with a causal flag; a chunk with cached context gathers its context and uses an
@@ -22,6 +25,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from pagedserve.attention import cpu_kernel
 from pagedserve.attention.metadata import AttentionMetadata
 
 # Gathered K bytes per decode tile on CPU (about 5.5k tokens for SmolLM2 in bfloat16). On other
@@ -46,7 +50,10 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
     write_kv_cache(k, v, k_cache, v_cache, meta.slot_mapping)
     out = torch.empty_like(q)
     nd = meta.num_decodes
-    if nd:
+    if nd and cpu_kernel.supports(q, k_cache):
+        cpu_kernel.decode_attention(out[:nd], q[:nd], k_cache, v_cache, meta.block_tables[:nd], meta.seq_lens[:nd],
+                                    scale)
+    elif nd:
         out[:nd] = _decode_attention(q[:nd], k_cache, v_cache, meta.block_tables[:nd],
                                      meta.seq_lens[:nd], meta.seq_lens_list[:nd], scale)
     start = nd  # decodes own the first nd tokens

@@ -17,8 +17,8 @@ from pagedserve.bench.workload import load_workload, workload_summary
 def add_subcommands(sub, add_engine_args) -> None:
     _add_throughput(sub, add_engine_args)
     _add_serve(sub)
-    # issue 6: `bench report` registers here, e.g. report.add_subcommand(sub, add_engine_args);
-    # it can reuse throughput.run_engine_config, hf_baseline.run_hf_baseline and serve.run_serve_benchmark.
+    from pagedserve.bench import report
+    report.add_subcommand(sub, add_engine_args)
 
 
 def _int_list(text: str) -> list[int]:

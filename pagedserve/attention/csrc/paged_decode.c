@@ -1,43 +1,58 @@
 /* Fused paged decode attention for CPU: one query token per sequence, K/V read straight from the
  * paged cache through the block tables (no gather copy), fp32 accumulation.
  *
- * For each unit (sequence s, KV head h) with L = seq_lens[s]:
- *   scores[g][t] = scale * q[s, h*G+g] . K[t]     t < L, K[t] = k_cache[bt[s][t / B], t % B, h]
- *   p = softmax(scores[g]);  out[s, h*G+g] = sum_t p[g][t] * V[t]
- * Two passes per unit: all scores (K read once), then the V sum (V read once); the G query heads
- * of a KV head share each K/V row while it is in registers.
+ * For each sequence s and KV head h, with L = seq_lens[s] and G = Hq / Hkv:
+ *   score[g][t] = scale * q[s, h*G+g] . K[t]      t < L, K[t] = k_cache[bt[s][t / B], t % B, h]
+ *   out[s, h*G+g] = sum_t softmax(score[g])[t] * V[t]
+ * Two passes per unit of work (a sequence, or some of its KV heads): all scores (K read once), then
+ * the weighted V sum (V read once). A unit's KV heads are done together, so each slot's K/V (Hkv
+ * heads side by side) is read as one stretch, and the G query heads of a KV head share every K/V
+ * row while it is in registers.
  *
- * Built by pagedserve/attention/cpu_kernel.py with `cc -O3 -march=native` (no -ffast-math: the
- * float32 path must stay within 1e-5 of a float64 reference). Float reductions are written with
- * explicit vector lanes (GCC/Clang vector extensions), so they vectorize without reassociation.
- * Threads are plain pthreads: an OpenMP runtime here would fight the one torch ships.
+ * The cost is memory latency: blocks sit at random places, so the hardware prefetchers cannot see
+ * them coming. Rows are software-prefetched two chunks ahead along the unit's whole read stream
+ * (K chunks, then V chunks, then the next unit's K), spread over the work; that made the kernel
+ * about 2.5x faster on cold caches (see docs/PERFORMANCE.md).
+ *
+ * Built by pagedserve/attention/cpu_kernel.py with `cc -O3 -march=native` and no -ffast-math (the
+ * float32 results must stay within 1e-5 of a float64 reference). Float reductions are written with
+ * explicit vector lanes (GCC/Clang vector extensions), so they vectorize without reassociation and
+ * sum in a fixed order. Threads are pthreads: an OpenMP runtime here would fight the one torch ships.
  */
 #include <pthread.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
-#define LANES 16
+#define LANES 16 /* floats per vector; the compiler splits them on narrower machines */
 typedef float vfloat __attribute__((vector_size(LANES * 4)));
 typedef uint32_t vuint __attribute__((vector_size(LANES * 4)));
 typedef int32_t vint __attribute__((vector_size(LANES * 4)));
 typedef uint16_t vhalf __attribute__((vector_size(LANES * 2)));
 
+#if defined(__clang__) || __GNUC__ >= 12
+#define HAVE_SHUFFLE 1 /* two-vector __builtin_shufflevector */
+#else
+#define HAVE_SHUFFLE 0
+#endif
+
 /* Mirrored by ctypes in cpu_kernel.py: keep the field order and types in sync. Strides in elements. */
 typedef struct {
-    const void *q;              /* [S, Hq, D], last dim contiguous */
+    const void *q; /* [S, Hq, D], last dim contiguous */
     int64_t q_stride_s, q_stride_h;
-    const void *k_cache;        /* [N, B, Hkv, D] contiguous */
+    const void *k_cache; /* [N, B, Hkv, D] contiguous */
     const void *v_cache;
     const int64_t *block_tables; /* [S, >= ceil(L / B)], rows block_table_stride apart */
     int64_t block_table_stride;
-    const int64_t *seq_lens;    /* [S] */
-    void *out;                  /* [S, Hq, D], last dim contiguous, dtype of q */
+    const int64_t *seq_lens; /* [S] */
+    void *out;               /* [S, Hq, D], last dim contiguous, dtype of q */
     int64_t out_stride_s, out_stride_h;
     int32_t num_seqs, num_q_heads, num_kv_heads, head_dim, block_size;
     float scale;
     int32_t q_bf16, cache_bf16; /* 1: bfloat16, 0: float32 */
 } DecodeArgs;
+
+/* ---- scalar and vector helpers ---- */
 
 static inline float bf16_to_f32(uint16_t x) {
     uint32_t u = (uint32_t)x << 16;
@@ -53,7 +68,9 @@ static inline uint16_t f32_to_bf16(float f) { /* round to nearest even; NaN stay
     return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
 }
 
-static inline vfloat splat(float x) { return (vfloat){0} + x; }
+static inline vfloat splat(float x) { /* not 0 + x: without -ffast-math that is an add */
+    return (vfloat){x, x, x, x, x, x, x, x, x, x, x, x, x, x, x, x};
+}
 
 static inline vfloat load_f32(const float *p) {
     vfloat v;
@@ -67,7 +84,11 @@ static inline vfloat load_bf16(const uint16_t *p) {
     return (vfloat)(__builtin_convertvector(h, vuint) << 16);
 }
 
-/* LANES elements of a cache row as floats; `bf16` is a compile-time constant at every call site. */
+static inline vfloat vselect(vint mask, vfloat a, vfloat b) { /* mask ? a : b, lane-wise */
+    return (vfloat)(((vint)a & mask) | ((vint)b & ~mask));
+}
+
+/* LANES elements of a cache row as floats; bf16 is a compile-time constant at every call site. */
 static inline __attribute__((always_inline)) vfloat load_row(const void *row, int64_t i, int bf16) {
     return bf16 ? load_bf16((const uint16_t *)row + i) : load_f32((const float *)row + i);
 }
@@ -76,8 +97,15 @@ static inline __attribute__((always_inline)) float row_at(const void *row, int64
     return bf16 ? bf16_to_f32(((const uint16_t *)row)[i]) : ((const float *)row)[i];
 }
 
-static inline float hsum(vfloat v) { /* fixed pairwise order: deterministic */
-#if defined(__clang__) || __GNUC__ >= 12
+/* LANES elements of a row from d0 on, zero past D (the last, partial chunk of an odd head_dim). */
+static inline __attribute__((always_inline)) vfloat load_tail(const void *row, int d0, int D, int bf16) {
+    float t[LANES] = {0};
+    for (int d = d0; d < D; d++) t[d - d0] = row_at(row, d, bf16);
+    return load_f32(t);
+}
+
+static inline float hsum(vfloat v) { /* pairwise, fixed order */
+#if HAVE_SHUFFLE
     typedef float v8 __attribute__((vector_size(32)));
     typedef float v4 __attribute__((vector_size(16)));
     v8 a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
@@ -91,15 +119,40 @@ static inline float hsum(vfloat v) { /* fixed pairwise order: deterministic */
 #endif
 }
 
-/* exp(x) for x <= 0 (scores minus their max), ~1 ulp (Cephes expf polynomial); x < -87 -> 0. */
+/* Lane i of the result is hsum(p[i]) (same order, same bits): a 16 x 16 transpose folded into the
+ * adds, 15 adds and 30 shuffles for 16 dot products instead of about 8 operations per hsum. */
+static inline vfloat sum16(const vfloat *p) {
+#if HAVE_SHUFFLE
+#define SH(x, y, ...) __builtin_shufflevector(x, y, __VA_ARGS__)
+    vfloat a[8], b[4], c[2];
+    for (int i = 0; i < 8; i++) /* lanes 0-7: 8 partial sums of p[2i], 8-15: of p[2i+1] */
+        a[i] = SH(p[2 * i], p[2 * i + 1], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
+               SH(p[2 * i], p[2 * i + 1], 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+    for (int i = 0; i < 4; i++) /* 4 lanes each for p[4i] .. p[4i+3] */
+        b[i] = SH(a[2 * i], a[2 * i + 1], 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27) +
+               SH(a[2 * i], a[2 * i + 1], 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31);
+    for (int i = 0; i < 2; i++) /* 2 lanes each for p[8i] .. p[8i+7] */
+        c[i] = SH(b[2 * i], b[2 * i + 1], 0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29) +
+               SH(b[2 * i], b[2 * i + 1], 2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30, 31);
+    return SH(c[0], c[1], 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30) +
+           SH(c[0], c[1], 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+#undef SH
+#else
+    vfloat r;
+    for (int i = 0; i < LANES; i++) r[i] = hsum(p[i]);
+    return r;
+#endif
+}
+
+/* exp(x) for x <= 0 (scores minus their max), about 1 ulp (Cephes expf polynomial); x <= -87 -> 0. */
 static inline vfloat vexp(vfloat x) {
     const vfloat magic = splat(12582912.0f); /* 1.5 * 2^23: adding it rounds to an integer */
-    vint keep = x > splat(-87.0f);
-    x = (vfloat)(((vint)x & keep) | ((vint)splat(-87.0f) & ~keep));
+    vint keep = x > splat(-87.0f);           /* also drops -inf padding */
+    x = vselect(keep, x, splat(-87.0f));
     vfloat t = x * splat(1.44269504088896341f) + magic;
     vfloat n = t - magic;
     vint ni = (vint)t - (vint)magic;
-    vfloat r = x - n * splat(0.693359375f) - n * splat(-2.12194440e-4f);
+    vfloat r = x - n * splat(0.693359375f) - n * splat(-2.12194440e-4f); /* x - n ln2, in two parts */
     vfloat p = splat(1.9875691500e-4f);
     p = p * r + splat(1.3981999507e-3f);
     p = p * r + splat(8.3334519073e-3f);
@@ -111,115 +164,220 @@ static inline vfloat vexp(vfloat x) {
     return (vfloat)((vint)y & keep);
 }
 
-/* One (sequence, KV head) unit. cache_bf16 is a compile-time constant (two instantiations). */
-static inline __attribute__((always_inline)) void attend_unit(const DecodeArgs *a, int64_t s, int h,
-                                                              float *qf, float *scores, int64_t ld,
-                                                              float *acc, int cache_bf16) {
-    const int G = a->num_q_heads / a->num_kv_heads, D = a->head_dim, B = a->block_size;
-    const int64_t L = a->seq_lens[s];
-    const int64_t row_stride = (int64_t)a->num_kv_heads * D; /* elements between slots */
-    const int64_t esz = cache_bf16 ? 2 : 4;
-    const int64_t *bt = a->block_tables + s * a->block_table_stride;
-    const int Dv = D - D % LANES;
+/* ---- inner loops: one chunk of up to LANES consecutive positions ----
+ * A chunk is named by its rows' addresses, so any block size works (a chunk may span blocks). The
+ * loops take C query rows of one KV head (byte offset `off` into each slot); C (1..MAX_C) and bf16
+ * are compile-time constants in each instance, so the C accumulators live in registers; a table picks
+ * the instance per chunk and head. Float rows (q, acc) are Dp = D rounded up to LANES, zero-padded. */
+#define MAX_C 4
 
-    for (int g = 0; g < G; g++) { /* q rows as scaled floats */
-        int64_t off = s * a->q_stride_s + (int64_t)(h * G + g) * a->q_stride_h;
-        for (int d = 0; d < D; d++) {
-            float x = a->q_bf16 ? bf16_to_f32(((const uint16_t *)a->q)[off + d]) : ((const float *)a->q)[off + d];
-            qf[g * D + d] = x * a->scale;
-        }
-    }
+/* Rows to prefetch while computing a chunk, one per position: a burst of prefetches fills the miss
+ * queues and stalls (measured slower). L2 hint (locality 1): an L1 hint also measured slower. */
+typedef struct {
+    const char *const *rows;
+    int n;
+    int64_t span; /* bytes from each row */
+} Prefetch;
 
-    /* Pass 1: scores[g][t] (rows ld apart, padded to LANES). */
-    for (int64_t t0 = 0; t0 < L; t0 += B) {
-        const char *base = (const char *)a->k_cache + ((bt[t0 / B] * B) * row_stride + (int64_t)h * D) * esz;
-        int64_t n = L - t0 < B ? L - t0 : B;
-        for (int64_t o = 0; o < n; o++) {
-            const void *row = base + o * row_stride * esz;
-            for (int g = 0; g < G; g++) {
-                const float *qg = qf + g * D;
-                vfloat v = {0};
-                for (int d = 0; d < Dv; d += LANES) v += load_f32(qg + d) * load_row(row, d, cache_bf16);
-                float dot = hsum(v);
-                for (int d = Dv; d < D; d++) dot += qg[d] * row_at(row, d, cache_bf16);
-                scores[g * ld + t0 + o] = dot;
+static inline __attribute__((always_inline)) void prefetch_row(const Prefetch *pf, int o) {
+    if (o < pf->n)
+        for (int64_t i = 0; i < pf->span; i += 64) __builtin_prefetch(pf->rows[o] + i, 0, 1);
+}
+
+/* sc[c * ld + o] = q[c] . K[o] for o < LANES (lanes past m get 0). pf: NULL or rows to prefetch. */
+static inline __attribute__((always_inline)) void qk_rows(const char *const *rows, int m, int64_t off, int D,
+                                                          const float *q, float *sc, int64_t ld,
+                                                          const Prefetch *pf, const int C, const int bf16) {
+    const int Dv = D - D % LANES, Dp = (D + LANES - 1) / LANES * LANES;
+    vfloat part[MAX_C][LANES];
+    for (int o = 0; o < LANES; o++) {
+        if (pf) prefetch_row(pf, o);
+        vfloat acc[MAX_C];
+#pragma GCC unroll 4
+        for (int c = 0; c < C; c++) acc[c] = (vfloat){0};
+        if (o < m) {
+            const char *row = rows[o] + off;
+            for (int d = 0; d < Dp; d += LANES) {
+                vfloat kv = d < Dv ? load_row(row, d, bf16) : load_tail(row, d, D, bf16);
+#pragma GCC unroll 4
+                for (int c = 0; c < C; c++) acc[c] += load_f32(q + c * Dp + d) * kv;
             }
         }
+#pragma GCC unroll 4
+        for (int c = 0; c < C; c++) part[c][o] = acc[c];
+    }
+#pragma GCC unroll 4
+    for (int c = 0; c < C; c++) {
+        vfloat dots = sum16(part[c]);
+        memcpy(sc + c * ld, &dots, sizeof dots);
+    }
+}
+
+/* acc[c] += sum_{o < m} p[c * ld + o] * V[o]. pf: NULL or rows to prefetch. */
+static inline __attribute__((always_inline)) void pv_rows(const char *const *rows, int m, int64_t off, int D,
+                                                          const float *p, int64_t ld, float *acc,
+                                                          const Prefetch *pf, const int C, const int bf16) {
+    const int Dv = D - D % LANES, Dp = (D + LANES - 1) / LANES * LANES;
+    for (int d = 0; d < Dp; d += LANES) {
+        vfloat sum[MAX_C];
+#pragma GCC unroll 4
+        for (int c = 0; c < C; c++) sum[c] = load_f32(acc + c * Dp + d);
+        for (int o = 0; o < m; o++) {
+            if (pf && d == 0) prefetch_row(pf, o);
+            const char *row = rows[o] + off;
+            vfloat vv = d < Dv ? load_row(row, d, bf16) : load_tail(row, d, D, bf16);
+#pragma GCC unroll 4
+            for (int c = 0; c < C; c++) sum[c] += splat(p[c * ld + o]) * vv;
+        }
+#pragma GCC unroll 4
+        for (int c = 0; c < C; c++) memcpy(acc + c * Dp + d, &sum[c], sizeof sum[c]);
+    }
+}
+
+typedef void (*QkFn)(const char *const *, int, int64_t, int, const float *, float *, int64_t, const Prefetch *);
+typedef void (*PvFn)(const char *const *, int, int64_t, int, const float *, int64_t, float *, const Prefetch *);
+#define INSTANCE(C, bf16)                                                                                  \
+    static void qk_##C##_##bf16(const char *const *rows, int m, int64_t off, int D, const float *q,       \
+                                float *sc, int64_t ld, const Prefetch *pf) {                              \
+        qk_rows(rows, m, off, D, q, sc, ld, pf, C, bf16);                                                 \
+    }                                                                                                      \
+    static void pv_##C##_##bf16(const char *const *rows, int m, int64_t off, int D, const float *p,       \
+                                int64_t ld, float *acc, const Prefetch *pf) {                             \
+        pv_rows(rows, m, off, D, p, ld, acc, pf, C, bf16);                                                \
+    }
+INSTANCE(1, 0) INSTANCE(2, 0) INSTANCE(3, 0) INSTANCE(4, 0)
+INSTANCE(1, 1) INSTANCE(2, 1) INSTANCE(3, 1) INSTANCE(4, 1)
+static const QkFn QK[2][MAX_C + 1] = {{0, qk_1_0, qk_2_0, qk_3_0, qk_4_0}, {0, qk_1_1, qk_2_1, qk_3_1, qk_4_1}};
+static const PvFn PV[2][MAX_C + 1] = {{0, pv_1_0, pv_2_0, pv_3_0, pv_4_0}, {0, pv_1_1, pv_2_1, pv_3_1, pv_4_1}};
+
+/* ---- one unit: KV heads [h0, h1) of one sequence ---- */
+
+/* Rows of positions [t0, t0 + m) of a sequence, m = min(LANES, L - t0):
+ * rows[i] = cache + slot(t0 + i) * slot_bytes + off. Returns m. */
+static int chunk_rows(const char **rows, const char *cache, const int64_t *bt, int64_t B, int64_t t0, int64_t L,
+                      int64_t slot_bytes, int64_t off) {
+    int m = L - t0 < LANES ? (int)(L - t0) : LANES;
+    int64_t j = t0 / B, o = t0 - j * B;
+    for (int i = 0; i < m; i++) {
+        rows[i] = cache + (bt[j] * B + o) * slot_bytes + off;
+        if (++o == B) o = 0, j++;
+    }
+    return m;
+}
+
+#define AHEAD 2 /* chunks; 1 and 3 measured about the same */
+
+/* KV heads [h0, h1) of sequence s; next_s: the sequence of the next unit on this thread (-1: none),
+ * whose first K chunks are prefetched during this unit's last V chunks.
+ * buf: scratch of H * G * (2 * Dp + ld) floats, H = h1 - h0; ld >= L, a multiple of LANES. */
+static void attend(const DecodeArgs *a, int64_t s, int h0, int h1, int64_t next_s, float *buf, int64_t ld) {
+    const int G = a->num_q_heads / a->num_kv_heads, D = a->head_dim, H = h1 - h0, bf16 = a->cache_bf16;
+    const int Dp = (D + LANES - 1) / LANES * LANES, R = H * G; /* R query rows, in head order */
+    const int64_t L = a->seq_lens[s], Lp = (L + LANES - 1) / LANES * LANES, B = a->block_size;
+    const int64_t esz = bf16 ? 2 : 4, hbytes = (int64_t)D * esz, off0 = (int64_t)h0 * hbytes;
+    const int64_t slot = (int64_t)a->num_kv_heads * hbytes, span = (int64_t)H * hbytes;
+    const int64_t *bt = a->block_tables + s * a->block_table_stride;
+    const int64_t *next_bt = next_s >= 0 ? a->block_tables + next_s * a->block_table_stride : NULL;
+    const int64_t next_L = next_s >= 0 ? a->seq_lens[next_s] : 0;
+    const char *kc = a->k_cache, *vc = a->v_cache;
+    float *qf = buf, *acc = buf + (int64_t)R * Dp, *scores = buf + 2 * (int64_t)R * Dp;
+    const char *rows[LANES], *ahead[LANES];
+
+    for (int r = 0; r < R; r++) { /* q rows as floats, pre-scaled, zero-padded to Dp */
+        int64_t off = s * a->q_stride_s + (int64_t)(h0 * G + r) * a->q_stride_h;
+        for (int d = 0; d < Dp; d++)
+            qf[r * Dp + d] = d >= D ? 0.0f
+                                    : a->scale * (a->q_bf16 ? bf16_to_f32(((const uint16_t *)a->q)[off + d])
+                                                            : ((const float *)a->q)[off + d]);
     }
 
-    /* Softmax numerators in place; padding lanes are -87 below the max, so exp gives 0. */
-    float inv_sum[G];
-    for (int g = 0; g < G; g++) {
-        float *sc = scores + g * ld;
-        float m = sc[0];
-        for (int64_t t = 1; t < L; t++) m = sc[t] > m ? sc[t] : m;
-        for (int64_t t = L; t < ld; t++) sc[t] = m - 1000.0f;
-        vfloat sum = {0}, mv = splat(m);
-        for (int64_t t = 0; t < ld; t += LANES) {
+    /* Pass 1: scores[r][t] = q[r] . K[t]; prefetch K AHEAD chunks on, then the first V chunks. */
+    for (int64_t t0 = 0; t0 < L; t0 += LANES) {
+        int m = chunk_rows(rows, kc, bt, B, t0, L, slot, off0);
+        int64_t ta = t0 + AHEAD * LANES;
+        Prefetch pf = {ahead, 0, span};
+        if (ta < L) pf.n = chunk_rows(ahead, kc, bt, B, ta, L, slot, off0);
+        else if (ta - Lp < L) pf.n = chunk_rows(ahead, vc, bt, B, ta - Lp, L, slot, off0);
+        for (int h = 0; h < H; h++)
+            for (int g = 0; g < G; g += MAX_C) {
+                int c = G - g < MAX_C ? G - g : MAX_C, r = h * G + g;
+                QK[bf16][c](rows, m, h * hbytes, D, qf + (int64_t)r * Dp, scores + r * ld + t0, ld, r ? NULL : &pf);
+            }
+    }
+
+    /* Softmax numerators in place; padding past L is -inf, so exp gives 0 there. */
+    float inv_sum[R];
+    for (int r = 0; r < R; r++) {
+        float *sc = scores + r * ld;
+        for (int64_t t = L; t < Lp; t++) sc[t] = -__builtin_inff();
+        vfloat mv = load_f32(sc);
+        for (int64_t t = LANES; t < Lp; t += LANES) {
+            vfloat x = load_f32(sc + t);
+            mv = vselect(x > mv, x, mv);
+        }
+        float mx = mv[0];
+        for (int i = 1; i < LANES; i++) mx = mv[i] > mx ? mv[i] : mx;
+        vfloat sum = {0};
+        mv = splat(mx);
+        for (int64_t t = 0; t < Lp; t += LANES) {
             vfloat e = vexp(load_f32(sc + t) - mv);
             memcpy(sc + t, &e, sizeof e);
             sum += e;
         }
-        inv_sum[g] = 1.0f / hsum(sum);
+        inv_sum[r] = 1.0f / hsum(sum);
     }
 
-    /* Pass 2: acc[g] = sum_t p[g][t] * V[t]. */
-    memset(acc, 0, sizeof(float) * (size_t)G * D);
-    for (int64_t t0 = 0; t0 < L; t0 += B) {
-        const char *base = (const char *)a->v_cache + ((bt[t0 / B] * B) * row_stride + (int64_t)h * D) * esz;
-        int64_t n = L - t0 < B ? L - t0 : B;
-        for (int64_t o = 0; o < n; o++) {
-            const void *row = base + o * row_stride * esz;
-            for (int d = 0; d < Dv; d += LANES) {
-                vfloat v = load_row(row, d, cache_bf16);
-                for (int g = 0; g < G; g++) {
-                    vfloat x = load_f32(acc + g * D + d) + splat(scores[g * ld + t0 + o]) * v;
-                    memcpy(acc + g * D + d, &x, sizeof x);
-                }
+    /* Pass 2: acc[r] = sum_t p[r][t] * V[t]; prefetch V AHEAD chunks on, then the next unit's first K. */
+    memset(acc, 0, sizeof(float) * (size_t)R * Dp);
+    for (int64_t t0 = 0; t0 < L; t0 += LANES) {
+        int m = chunk_rows(rows, vc, bt, B, t0, L, slot, off0);
+        int64_t ta = t0 + AHEAD * LANES;
+        Prefetch pf = {ahead, 0, span};
+        if (ta < L) pf.n = chunk_rows(ahead, vc, bt, B, ta, L, slot, off0);
+        else if (ta - Lp < next_L) pf.n = chunk_rows(ahead, kc, next_bt, B, ta - Lp, next_L, slot, 0);
+        for (int h = 0; h < H; h++)
+            for (int g = 0; g < G; g += MAX_C) {
+                int c = G - g < MAX_C ? G - g : MAX_C, r = h * G + g;
+                PV[bf16][c](rows, m, h * hbytes, D, scores + r * ld + t0, ld, acc + (int64_t)r * Dp, r ? NULL : &pf);
             }
-            for (int d = Dv; d < D; d++) {
-                float v = row_at(row, d, cache_bf16);
-                for (int g = 0; g < G; g++) acc[g * D + d] += scores[g * ld + t0 + o] * v;
-            }
-        }
     }
 
-    for (int g = 0; g < G; g++) {
-        int64_t off = s * a->out_stride_s + (int64_t)(h * G + g) * a->out_stride_h;
+    for (int r = 0; r < R; r++) {
+        int64_t off = s * a->out_stride_s + (int64_t)(h0 * G + r) * a->out_stride_h;
         for (int d = 0; d < D; d++) {
-            float x = acc[g * D + d] * inv_sum[g];
+            float x = acc[r * Dp + d] * inv_sum[r];
             if (a->q_bf16) ((uint16_t *)a->out)[off + d] = f32_to_bf16(x);
             else ((float *)a->out)[off + d] = x;
         }
     }
 }
 
-static void zero_unit(const DecodeArgs *a, int64_t s, int h) { /* empty context: no keys to attend */
-    const int G = a->num_q_heads / a->num_kv_heads, D = a->head_dim;
-    size_t esz = a->q_bf16 ? 2 : 4;
-    for (int g = 0; g < G; g++) {
-        int64_t off = s * a->out_stride_s + (int64_t)(h * G + g) * a->out_stride_h;
-        memset((char *)a->out + off * (int64_t)esz, 0, (size_t)D * esz);
-    }
+static void zero_heads(const DecodeArgs *a, int64_t s, int h0, int h1) { /* empty context: nothing to attend */
+    const int G = a->num_q_heads / a->num_kv_heads;
+    const int64_t esz = a->q_bf16 ? 2 : 4;
+    for (int r = h0 * G; r < h1 * G; r++)
+        memset((char *)a->out + (s * a->out_stride_s + (int64_t)r * a->out_stride_h) * esz, 0,
+               (size_t)(a->head_dim * esz));
 }
 
-/* Units [begin, end) of the flattened (sequence, KV head) index u = s * Hkv + h. Returns 0, or -1
- * if scratch memory could not be allocated. */
+/* ---- entry points ---- */
+
+/* Units [begin, end) of the flattened (sequence, KV head) index u = s * Hkv + h; the heads of one
+ * sequence within the range go together. Returns 0, or -1 if scratch memory could not be allocated. */
 int paged_decode_range(const DecodeArgs *a, int64_t begin, int64_t end) {
-    const int Hkv = a->num_kv_heads, G = a->num_q_heads / Hkv, D = a->head_dim;
+    const int Hkv = a->num_kv_heads, G = a->num_q_heads / Hkv, Dp = (a->head_dim + LANES - 1) / LANES * LANES;
     int64_t max_len = 0;
     for (int64_t u = begin; u < end; u++) max_len = a->seq_lens[u / Hkv] > max_len ? a->seq_lens[u / Hkv] : max_len;
     int64_t ld = (max_len + LANES - 1) / LANES * LANES;
-    /* scratch: q rows and accumulators [G, D] each, scores [G, ld] */
-    float *buf = malloc(sizeof(float) * (size_t)(2 * (int64_t)G * D + G * ld));
+    float *buf = malloc(sizeof(float) * (size_t)((int64_t)Hkv * G * (2 * Dp + ld)));
     if (!buf) return -1;
-    float *qf = buf, *acc = buf + G * D, *scores = buf + 2 * G * D;
-    for (int64_t u = begin; u < end; u++) {
+    for (int64_t u = begin; u < end;) {
         int64_t s = u / Hkv;
-        int h = (int)(u % Hkv);
-        if (a->seq_lens[s] <= 0) zero_unit(a, s, h);
-        else if (a->cache_bf16) attend_unit(a, s, h, qf, scores, ld, acc, 1);
-        else attend_unit(a, s, h, qf, scores, ld, acc, 0);
+        int h0 = (int)(u - s * Hkv), h1 = end - s * Hkv < Hkv ? (int)(end - s * Hkv) : Hkv;
+        int64_t next_s = s * Hkv + h1 < end ? s + 1 : -1;
+        if (a->seq_lens[s] <= 0) zero_heads(a, s, h0, h1);
+        else attend(a, s, h0, h1, next_s, buf, ld);
+        u = s * Hkv + h1;
     }
     free(buf);
     return 0;
@@ -238,11 +396,11 @@ static void *run_job(void *p) {
 }
 
 #define MAX_THREADS 256
-#define UNIT_OVERHEAD 8      /* fixed cost of a unit, in context tokens */
-#define MIN_TOKENS_PER_THREAD 4096 /* below this a thread's start-up (~20 us) outweighs its share */
+#define UNIT_OVERHEAD 8             /* fixed cost of a unit, in context tokens */
+#define MIN_TOKENS_PER_THREAD 4096 /* context tokens x KV heads; less does not pay a thread start */
 
-/* All units on up to num_threads threads (the caller's included), split into contiguous ranges of
- * about equal total context length. Returns 0, or -1 on an allocation failure. */
+/* All units on up to num_threads threads (the caller's included), in contiguous ranges of about
+ * equal total context length. Returns 0, or -1 on an allocation failure. */
 int paged_decode(const DecodeArgs *a, int num_threads) {
     const int Hkv = a->num_kv_heads;
     const int64_t units = (int64_t)a->num_seqs * Hkv;
@@ -258,7 +416,7 @@ int paged_decode(const DecodeArgs *a, int num_threads) {
     pthread_t tids[MAX_THREADS];
     int started[MAX_THREADS] = {0};
     int64_t u = 0, done = 0;
-    for (int64_t i = 0; i < T; i++) { /* range i ends where the running cost first reaches (i+1)/T */
+    for (int64_t i = 0; i < T; i++) { /* range i ends once the running cost reaches (i + 1) / T of the total */
         int64_t goal = total * (i + 1) / T, begin = u;
         while (u < units && (i == T - 1 || done < goal)) done += a->seq_lens[u++ / Hkv] + UNIT_OVERHEAD;
         jobs[i] = (Job){a, begin, u, 0};
@@ -268,7 +426,7 @@ int paged_decode(const DecodeArgs *a, int num_threads) {
     int rc = jobs[0].rc;
     for (int64_t i = 1; i < T; i++) {
         if (started[i]) pthread_join(tids[i], NULL);
-        else run_job(&jobs[i]); /* no thread to spare: do it here */
+        else run_job(&jobs[i]); /* no thread to spare: run it here */
         rc |= jobs[i].rc;
     }
     return rc;

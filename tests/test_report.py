@@ -1,0 +1,173 @@
+"""`pagedserve bench report` end to end on a tiny random-weight model (reduced plan, real server
+subprocesses), plus the report's pure helpers: static-batch sizing, knee finding, flags, workloads."""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from pagedserve.bench.report import FULL, QUICK, plan_from_args
+from pagedserve.bench.report_runs import (generator_kwargs, largest_static_batch, load_generator,
+                                          static_batch_cache_tokens, workload_items)
+from pagedserve.bench.report_server import engine_flags, rates_from_capacity, sustainable_rate
+from pagedserve.bench.workload import WorkloadItem
+from pagedserve.cli import build_parser, engine_config, main
+from pagedserve.config import EngineConfig
+
+WORKLOAD_PY = str(Path(__file__).resolve().parents[2] / "shared" / "bench" / "workload.py")
+BUDGETS = (16, 64)  # blocks of 16 tokens; the tiny model's 256-token window is 16 blocks
+PNGS = ("memory.png", "budgets.png", "prefix.png", "sampling.png", "latency.png", "recompute.png")
+
+
+@pytest.fixture(scope="module")
+def report(tiny_model_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("report")
+    rc = main(["bench", "report", "--model", tiny_model_dir, "--dtype", "float32", "--num-threads", "1",
+               "--out", str(out), "--workload-script", WORKLOAD_PY, "--workload-scale", "0.1", "--quiet",
+               "--chat-requests", "8", "--budgets", ",".join(map(str, BUDGETS)), "--hf-budgets", "64",
+               "--shared-requests", "8", "--sampling-prompts", "2", "--sampling-ns", "2,4",
+               "--serve-requests", "5", "--rate-multipliers", "0.5,4", "--recompute-lengths", "16,64"])
+    assert rc == 0
+    results = json.loads((out / "results.json").read_text())
+    return out, results, (out / "README.md").read_text()
+
+
+def test_report_writes_plots_and_a_readme_with_every_section(report):
+    out, results, readme = report
+    for name in PNGS:
+        data = (out / name).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000, name
+        assert f"]({name})" in readme
+    for n in range(1, 7):
+        section = re.search(rf"^## {n}\. .*?(?=^## )", readme, re.S | re.M)
+        assert section, f"section {n} missing"
+        body = section.group(0)
+        assert "**The paper.**" in body and "**Measured.**" in body
+        assert re.search(r"\*\*Verdict: (held|partly held|did not hold)\.\*\*", body)
+        assert re.search(r"\d+\.\d", body), f"section {n} has no numbers"
+    assert results["command"].startswith("pagedserve bench report") and results["command"] in readme
+    assert results["date"] in readme and results["machine"]["cpu"] in readme
+    assert results["threads"] == 1 and "load average" in readme.lower()
+    assert results["model"]["vocab_size"] == 320 and results["max_model_len"] == 256
+    # the plan is recorded; --render-only redraws the same README from results.json
+    again = out / "again"
+    again.mkdir()
+    (again / "results.json").write_text(json.dumps(results))
+    assert main(["bench", "report", "--render-only", "--out", str(again)]) == 0
+    assert (again / "README.md").read_text() == readme
+
+
+def test_report_memory_and_budget_numbers_are_consistent(report):
+    _, results, readme = report
+    runs = results["sections"]["budgets"]["runs"]
+    assert {(r["num_kv_blocks"], r["kv_reservation"]) for r in runs} == {
+        (b, p) for b in BUDGETS for p in ("none", "request", "max_model_len")}
+    for r in runs:
+        assert sum(r["slot_shares"].values()) == pytest.approx(1.0)
+        assert r["output_tokens"] == r["expected_output_tokens"]  # every run did the whole workload
+        # reserving the 256-token window admits budget * 16 / 256 requests at most
+        if r["kv_reservation"] == "max_model_len":
+            assert r["max_running_requests"] <= r["num_kv_blocks"] * 16 // 256
+    for b in BUDGETS:
+        p = {r["kv_reservation"]: r for r in runs if r["num_kv_blocks"] == b}
+        share = {k: v["slot_shares"]["token_states"] for k, v in p.items()}
+        assert share["none"] >= share["request"] > share["max_model_len"]
+        assert p["none"]["mean_running_requests"] > p["max_model_len"]["mean_running_requests"]
+    top = {r["kv_reservation"]: r for r in runs if r["num_kv_blocks"] == max(BUDGETS)}
+    assert f"{100 * top['none']['slot_shares']['token_states']:.1f}%" in readme
+
+    hf, = results["sections"]["budgets"]["hf"]
+    chat = workload_items(load_generator(WORKLOAD_PY), "chat", 8, 0, 0.1, 320)
+    assert hf["batch_size"] == largest_static_batch(chat, 64 * 16) >= 1
+    assert hf["cache_tokens_needed"] <= 64 * 16 and hf["output_tokens"] == top["none"]["output_tokens"]
+
+
+def test_report_prefix_sampling_latency_and_recompute_numbers(report):
+    _, results, _ = report
+    s = results["sections"]
+    on, off = s["prefix"]["on"], s["prefix"]["off"]
+    assert off["prefix_cache_hits"] == 0 and on["prefix_cache_hits"] > 0
+    assert off["prefill_tokens_computed"] == off["prompt_tokens"]  # nothing cached, nothing preempted
+    assert on["prefill_tokens_computed"] == on["prompt_tokens"] - on["prefix_cache_hits"] < off["prefill_tokens_computed"]
+    assert on["kv_blocks_peak"] <= off["kv_blocks_peak"]
+
+    for row in s["sampling"]:
+        sh, ind = row["shared"], row["independent"]
+        assert sh["output_tokens"] == ind["output_tokens"]  # the same n x max_tokens either way
+        assert sh["num_preemptions"] == ind["num_preemptions"] == 0
+        assert 0 < row["saving_mean"] < 1 and row["saving_mean"] == pytest.approx(
+            1 - sh["blocks_mean"] / ind["blocks_mean"])
+    assert [r["n"] for r in s["sampling"]] == [2, 4]
+
+    lat = s["latency"]
+    assert set(lat["policies"]) == {"none", "max_model_len"} and len(lat["rates"]) == 2
+    for points in lat["policies"].values():
+        assert [p["request_rate"] for p in points] == lat["rates"]
+        assert all(p["completed"] == 5 and p["failed"] == 0 and p["mean_normalized_latency_s_per_token"] > 0
+                   for p in points)
+
+    assert [r["length"] for r in s["recompute"]] == [16, 64]
+    assert all(r["cached_ms"] > 0 and r["recompute_ms"] > 0 for r in s["recompute"])
+
+
+# ---- pure helpers ----------------------------------------------------------------------------
+def _item(i: int, prompt: int, out: int) -> WorkloadItem:
+    return WorkloadItem(f"r{i}", list(range(1, prompt + 1)), out)
+
+
+def test_static_batch_sizing_follows_the_longest_request_of_each_batch():
+    items = [_item(0, 10, 5), _item(1, 30, 2), _item(2, 4, 20), _item(3, 6, 6)]
+    assert static_batch_cache_tokens(items, 1) == 32
+    assert static_batch_cache_tokens(items, 2) == 2 * (30 + 5)  # batches [0, 1] and [2, 3]: 70 and 52
+    assert static_batch_cache_tokens(items, 4) == 4 * (30 + 20)
+    assert largest_static_batch(items, 69) == 1
+    assert largest_static_batch(items, 70) == 2
+    assert largest_static_batch(items, 199) == 3  # 3 x 50 and then 1 x 12
+    assert largest_static_batch(items, 200) == 4
+    assert largest_static_batch(items, 31) == 0
+
+
+def test_sustainable_rate_interpolates_the_threshold_crossing():
+    assert sustainable_rate([1, 2, 4], [0.1, 0.2, 0.6], 0.4) == (pytest.approx(3.0), "crossed")
+    assert sustainable_rate([1, 2], [0.1, 0.15], 0.4) == (2, "above")
+    assert sustainable_rate([1, 2], [0.5, 0.9], 0.4) == (None, "below")
+    assert sustainable_rate([2, 1], [0.6, 0.2], 0.4) == (pytest.approx(1.5), "crossed")  # sorted by rate
+    assert rates_from_capacity(0.8123, [0.5, 1, 2]) == [0.41, 0.81, 1.6]
+
+
+def test_engine_flags_reproduce_the_config_through_the_cli_parser():
+    config = EngineConfig(model="/m", dtype="float32", num_kv_blocks=64, max_model_len=256,
+                          enable_prefix_caching=False, kv_reservation="max_model_len", num_threads=1)
+    args = build_parser().parse_args(["serve", *engine_flags(config)])
+    assert engine_config(args) == config
+
+
+def test_workload_items_scale_and_fold_into_a_small_vocabulary():
+    gen = load_generator(WORKLOAD_PY)
+    assert generator_kwargs(gen, "chat", 1.0) == {}
+    assert generator_kwargs(gen, "shared", 0.5) == {"system_len": 128, "output_median": 48}
+    raw = workload_items(gen, "shared", 6, seed=1)
+    folded = workload_items(gen, "shared", 6, seed=1, vocab_size=320)
+    assert [it.max_tokens for it in folded] == [it.max_tokens for it in raw]
+    for a, b in zip(raw, folded):
+        assert b.prompt_token_ids == [t % 320 for t in a.prompt_token_ids]
+    with_prefix = [it for it in folded if it.shared_prefix_len]
+    assert len(with_prefix) >= 2
+    assert all(it.prompt_token_ids[:256] == with_prefix[0].prompt_token_ids[:256] for it in with_prefix)
+
+
+def test_presets_and_overrides(tiny_model_dir, tmp_path, capsys):
+    parse = build_parser().parse_args
+    quick = plan_from_args(parse(["bench", "report", "--quick"]))
+    assert quick.chat_requests == QUICK.chat_requests and quick.serve_budget == QUICK.budgets[1]
+    full = plan_from_args(parse(["bench", "report", "--budgets", "128,256,512", "--hf-budgets", "512,999"]))
+    assert full.chat_requests == FULL.chat_requests and full.budgets == [128, 256, 512]
+    assert full.hf_budgets == [512] and full.serve_budget == 256
+    assert parse(["bench", "report"]).max_model_len == 2048
+    # a budget below one window is refused before anything runs
+    rc = main(["bench", "report", "--budgets", "8,64", "--out", str(tmp_path), "--sections", "1",
+               "--workload-script", WORKLOAD_PY, "--model", tiny_model_dir, "--max-model-len", "256"])
+    assert rc == 2 and "[8] hold less than one 256-token window" in capsys.readouterr().err
+    assert not (tmp_path / "results.json").exists()
