@@ -84,7 +84,7 @@ def test_float32_query_on_bfloat16_cache():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_context_of_one_returns_its_value_row(dtype):
-    q, kc, vc, tables, seq_lens, fk, fv = decode_batch([1, 1], 4, 2, 3, 64, dtype, seed=2)
+    q, kc, vc, tables, seq_lens, _, fv = decode_batch([1, 1], 4, 2, 3, 64, dtype, seed=2)
     out = run_kernel(q, kc, vc, tables, seq_lens, 0.125)
     for s in range(2):  # softmax over one key is 1: the output is V[0], exactly
         assert torch.equal(out[s], fv[s][0].repeat_interleave(3, dim=0))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -24,12 +25,14 @@ PNGS = ("memory.png", "budgets.png", "prefix.png", "sampling.png", "latency.png"
 @pytest.fixture(scope="module")
 def report(tiny_model_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("report")
-    rc = main(["bench", "report", "--model", tiny_model_dir, "--dtype", "float32", "--num-threads", "1",
-               "--out", str(out), "--workload-script", WORKLOAD_PY, "--workload-scale", "0.1", "--quiet",
-               "--chat-requests", "8", "--budgets", ",".join(map(str, BUDGETS)), "--hf-budgets", "64",
-               "--shared-requests", "8", "--sampling-prompts", "2", "--sampling-ns", "2,4",
-               "--serve-requests", "5", "--rate-multipliers", "0.5,4", "--recompute-lengths", "16,64"])
-    assert rc == 0
+    argv = ["bench", "report", "--model", tiny_model_dir, "--dtype", "float32", "--num-threads", "1",
+            "--out", str(out), "--workload-script", WORKLOAD_PY, "--workload-scale", "0.1", "--quiet",
+            "--chat-requests", "8", "--budgets", ",".join(map(str, BUDGETS)), "--hf-budgets", "64",
+            "--shared-requests", "8", "--sampling-prompts", "2", "--sampling-ns", "2,4",
+            "--serve-requests", "5", "--rate-multipliers", "0.5,4", "--recompute-lengths", "16,64"]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(sys, "argv", ["/venv/bin/pagedserve", *argv])  # as the console script sees it
+        assert main(argv) == 0
     results = json.loads((out / "results.json").read_text())
     return out, results, (out / "README.md").read_text()
 
@@ -47,7 +50,8 @@ def test_report_writes_plots_and_a_readme_with_every_section(report):
         assert "**The paper.**" in body and "**Measured.**" in body
         assert re.search(r"\*\*Verdict: (held|partly held|did not hold)\.\*\*", body)
         assert re.search(r"\d+\.\d", body), f"section {n} has no numbers"
-    assert results["command"].startswith("pagedserve bench report") and results["command"] in readme
+    assert results["command"].startswith(f"pagedserve bench report --model {results['engine']['model']}")
+    assert f"`{results['command']}`" in readme
     assert results["date"] in readme and results["machine"]["cpu"] in readme
     assert results["threads"] == 1 and "load average" in readme.lower()
     assert results["model"]["vocab_size"] == 320 and results["max_model_len"] == 256

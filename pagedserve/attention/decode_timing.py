@@ -2,17 +2,23 @@
 
     python -m pagedserve.attention.decode_timing [--batches 16,64,128] [--contexts 300,100-1000]
         [--threads 1,2] [--layers 30] [--repeat 20] [--dtype bfloat16]
+    python -m pagedserve.attention.decode_timing --forward --batches 64 --contexts 300 [--threads 1,2]
 
 Shapes are SmolLM2-135M's (9 query heads, 3 KV heads, head_dim 64, block size 16). A context "a-b"
 draws each sequence's length uniformly from [a, b]; "n" draws from [0.9 n, 1.1 n]. Blocks are
 shuffled over the pool, as after some serving. Each of `layers` layers has its own caches and the
 calls cycle through them, so the K/V come from memory as in a forward, not from a warm cache.
 Kernel and torch calls are interleaved; the table shows the minimum wall time per layer call over
-the repeats (the machine may be shared) and the CPU time per call with one thread.
+the repeats (the machine may be shared) and the CPU time per call (the stable number with one thread).
+
+--forward times the whole decode forward of the default model (SmolLM2-135M-Instruct, all layers,
+bfloat16, uniform contexts as in pagedserve.bench.forward_timing) with the kernel on and off
+(PAGEDSERVE_ATTENTION_KERNEL=torch), interleaved, minimum over the repeats.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import time
 
 import torch
@@ -47,7 +53,7 @@ def make_case(n: int, spec: str, layers: int, dtype: torch.dtype, seed: int = 0)
 
 
 def time_case(q, caches, tables, seq_lens, lens, repeat: int) -> dict[str, float]:
-    """Minimum seconds per layer call (wall) and mean CPU seconds per call, kernel and torch, interleaved."""
+    """Minimum wall and CPU seconds per layer call, kernel and torch, interleaved."""
     out = torch.empty_like(q)
     scale = D ** -0.5
     fns = {
@@ -68,6 +74,32 @@ def time_case(q, caches, tables, seq_lens, lens, repeat: int) -> dict[str, float
     return {**{f"{k}_wall": v for k, v in best.items()}, **{f"{k}_cpu": v for k, v in cpu.items()}}
 
 
+def forward_ab(lm, batch: int, context: int, repeat: int) -> dict[str, float]:
+    """Minimum wall and CPU seconds of a loaded model's decode forward, kernel on and off, interleaved."""
+    from pagedserve.bench.forward_timing import _batch
+
+    m = lm.model
+    kv, meta, ids, pos, _ = _batch(lm.config, lm.dtype, batch, context, 1)
+    best = {f"{name}_{clock}": float("inf") for name in ("kernel", "torch") for clock in ("wall", "cpu")}
+    old = os.environ.get(cpu_kernel.ENV_SWITCH)
+    try:
+        for r in range(repeat + 1):
+            for name in ("kernel", "torch"):
+                os.environ[cpu_kernel.ENV_SWITCH] = name
+                w, c = time.perf_counter(), time.process_time()
+                m(ids, pos, kv, meta)
+                w, c = time.perf_counter() - w, time.process_time() - c
+                if r:  # the first round warms up
+                    best[f"{name}_wall"] = min(best[f"{name}_wall"], w)
+                    best[f"{name}_cpu"] = min(best[f"{name}_cpu"], c)
+    finally:
+        if old is None:
+            del os.environ[cpu_kernel.ENV_SWITCH]
+        else:
+            os.environ[cpu_kernel.ENV_SWITCH] = old
+    return best
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--batches", default="16,64,128")
@@ -76,9 +108,27 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--layers", type=int, default=30)
     p.add_argument("--repeat", type=int, default=20)
     p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--forward", action="store_true", help="time the default model's whole decode forward")
     a = p.parse_args(argv)
     dtype = getattr(torch, a.dtype)
     assert cpu_kernel.load_library() is not None, "the kernel did not build"
+    if a.forward:
+        from pagedserve.model import load_model
+
+        lm = load_model(None, dtype="bfloat16")
+        print(f"torch {torch.__version__}, SmolLM2-135M-Instruct bfloat16 decode forward, min of {a.repeat} "
+              "interleaved repeats")
+        print("| threads | batch | context | torch path (ms) | kernel (ms) | speed-up | torch CPU (ms) | kernel CPU (ms) |")
+        print("|---|---|---|---|---|---|---|---|")
+        for threads in (int(t) for t in a.threads.split(",")):
+            torch.set_num_threads(threads)
+            for n in (int(b) for b in a.batches.split(",")):
+                for ctx in (int(c) for c in a.contexts.split(",")):
+                    r = forward_ab(lm, n, ctx, a.repeat)
+                    print(f"| {threads} | {n} | {ctx} | {r['torch_wall'] * 1e3:.1f} | {r['kernel_wall'] * 1e3:.1f} | "
+                          f"{r['torch_wall'] / r['kernel_wall']:.2f}x | {r['torch_cpu'] * 1e3:.1f} | "
+                          f"{r['kernel_cpu'] * 1e3:.1f} |", flush=True)
+        return
     print(f"torch {torch.__version__}, {a.dtype}, Hq {HQ}, Hkv {HKV}, D {D}, block {BLOCK}, {a.layers} layers' "
           f"caches, min of {a.repeat} interleaved repeats")
     print("| threads | batch | context | torch (ms) | kernel (ms) | speed-up | torch CPU (ms) | kernel CPU (ms) |")

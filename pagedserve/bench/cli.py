@@ -142,9 +142,9 @@ def format_throughput(result: dict) -> str:
                      r["loadavg_1min_mean"]])
     table = format_table(["run", "time s", "req/s", "out tok/s", "total tok/s", "GFLOP/s", "of peak",
                           "peak KV blocks", "KV util", "mean running", "preempt", "prefix hit", "load avg"], rows)
-    lines = [head, table, f"(GFLOP/s: useful model FLOPs / time; the bf16 matrix peak of this machine is about "
-                          f"{peak:g} GFLOP/s, not measured here; load avg: mean 1-minute load of the machine during the run, "
-                          f"{os.cpu_count()} CPUs)"]
+    note = (f"(GFLOP/s: useful model FLOPs / time; the bf16 matrix peak of this machine is about {peak:g} GFLOP/s, "
+            f"not measured here; load avg: mean 1-minute load of the machine during the run, {os.cpu_count()} CPUs)")
+    lines = [head, table, note]
     ratios = result["ratios"]
     if "paged_over_max_model_len_reservation" in ratios:
         lines.append(f"paged (none) / contiguous (max_model_len) reservation, same KV memory: "
@@ -180,10 +180,11 @@ def _add_serve(sub) -> None:
 def cmd_serve(args) -> int:
     from pagedserve.bench.serve import run_serve_benchmark
     items = load_workload(args.workload, args.num_requests)
+    header = result_header(args)  # the date the run started
     r = run_serve_benchmark(args.base_url, items, endpoint=args.endpoint, model=args.model, api_key=args.api_key,
                             request_rate=args.request_rate, max_concurrency=args.max_concurrency, seed=args.seed,
                             percentiles=tuple(args.percentiles), progress=True)
-    result = {**result_header(args), "workload": {"file": args.workload, **workload_summary(items)}, **r}
+    result = {**header, "workload": {"file": args.workload, **workload_summary(items)}, **r}
     print(format_serve(result, args.percentiles))
     if args.save_result:
         save_result(args.save_result, result)
@@ -192,12 +193,12 @@ def cmd_serve(args) -> int:
 
 
 def format_serve(r: dict, percentiles=(50, 90, 99)) -> str:
-    lines = [f"server {r['base_url']}{r['endpoint']} model={r['model']} request_rate={r['request_rate']} "
-             f"max_concurrency={r['max_concurrency']}",
+    lines = [(f"server {r['base_url']}{r['endpoint']} model={r['model']} request_rate={r['request_rate']} "
+              f"max_concurrency={r['max_concurrency']}"),
              f"completed {r['completed']}, failed {r['failed']}, duration {r['duration_s']:.2f} s",
-             f"request throughput {r['request_throughput']:.3f} req/s, output {r['output_throughput']:.1f} tok/s, "
-             f"total {r['total_token_throughput']:.1f} tok/s "
-             f"({r['total_input_tokens']:,} input, {r['total_output_tokens']:,} output tokens)",
+             (f"request throughput {r['request_throughput']:.3f} req/s, output {r['output_throughput']:.1f} tok/s, "
+              f"total {r['total_token_throughput']:.1f} tok/s "
+              f"({r['total_input_tokens']:,} input, {r['total_output_tokens']:,} output tokens)"),
              f"normalized latency (mean e2e / output tokens): {fmt(r['mean_normalized_latency_s_per_token'], 4)} s/token"]
     rows = []
     for name, label in (("ttft", "TTFT"), ("tpot", "TPOT"), ("itl", "ITL"), ("e2el", "E2E latency")):

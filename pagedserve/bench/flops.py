@@ -30,7 +30,7 @@ class ModelShape:
     vocab_size: int
 
     @classmethod
-    def of(cls, cfg) -> "ModelShape":
+    def of(cls, cfg) -> ModelShape:
         """From our ModelConfig or a transformers config (the same field names)."""
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         return cls(cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers, cfg.num_attention_heads,

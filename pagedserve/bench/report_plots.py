@@ -61,10 +61,12 @@ def budgets(runs: list[dict], hf: list[dict], path: str) -> None:
         hf_key = "batch_size" if key == "mean_running_requests" else "output_tokens_per_s"
         hf_pts = [(h["num_kv_blocks"], h[hf_key]) for h in hf if h.get("output_tokens_per_s")]
         if hf_pts:
-            ax.plot(*zip(*hf_pts), marker="s", linestyle="none", markersize=8, color=COLORS["hf"], label=LABELS["hf"])
+            ax.plot(*zip(*hf_pts), marker="s", linestyle="none", markersize=8, color=COLORS["hf"],
+                    label=LABELS["hf"] + (" (batch size)" if key == "mean_running_requests" else ""))
         ax.set_xscale("log", base=2)
         ax.set_xticks(budget_list)
-        ax.set_xticklabels([f"{b}\n({b * block_size // 1024}k tok)" for b in budget_list], fontsize=8)
+        ax.set_xticklabels([f"{b}\n({b * block_size:,} tokens)" for b in budget_list], fontsize=8)
+        ax.minorticks_off()
         ax.set_xlabel(f"KV budget (blocks of {block_size} tokens)")
         ax.set_ylabel(ylabel)
         ax.set_ylim(bottom=0)
@@ -84,7 +86,7 @@ def prefix(section: dict, path: str) -> None:
         vals = [section["off"][key], section["on"][key]]
         bars = ax.bar(["caching off", "caching on"], vals, color=["#999999", "#1b9e77"], width=0.6)
         for b, v in zip(bars, vals):
-            ax.text(b.get_x() + b.get_width() / 2, v, f"{v:,.0f}" if v >= 100 else f"{v:.1f}",
+            ax.text(b.get_x() + b.get_width() / 2, v, f"{v:,}" if isinstance(v, int) else f"{v:,.1f}",
                     ha="center", va="bottom", fontsize=9)
         ax.set_title(title, fontsize=10)
         ax.set_ylim(0, max(vals) * 1.15)

@@ -8,6 +8,7 @@ Metrics are defined in pagedserve.bench.metrics.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import math
 import random
@@ -17,6 +18,7 @@ import time
 import httpx
 
 from pagedserve.bench.metrics import DEFAULT_PERCENTILES, RequestResult, serving_metrics
+from pagedserve.bench.results import LoadMonitor
 from pagedserve.bench.workload import WorkloadItem
 
 
@@ -112,25 +114,23 @@ async def run_serve_benchmark_async(base_url: str, items: list[WorkloadItem], *,
     async with httpx.AsyncClient(timeout=httpx.Timeout(None), limits=limits) as client:
         if model is None:
             model = await _discover_model(client, base_url, headers)
-        sem = asyncio.Semaphore(max_concurrency) if max_concurrency else None
+        gate = asyncio.Semaphore(max_concurrency) if max_concurrency else contextlib.nullcontext()
         times = arrival_times(len(items), request_rate, seed)
         done = 0
 
         async def one(item: WorkloadItem, at: float) -> RequestResult:
             nonlocal done
             await asyncio.sleep(max(0.0, t0 + at - time.perf_counter()))
-            if sem is None:
+            async with gate:
                 r = await send_request(client, base_url + endpoint, completion_payload(item, model),
                                        item.prompt_len, headers, t0)
-            else:
-                async with sem:
-                    r = await send_request(client, base_url + endpoint, completion_payload(item, model),
-                                           item.prompt_len, headers, t0)
             done += 1
+            load.poll()
             if progress and (done % max(1, len(items) // 10) == 0 or done == len(items)):
                 print(f"  {done}/{len(items)} requests done, {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
             return r
 
+        load = LoadMonitor()  # the machine's load during the run (server included when it is local)
         t0 = time.perf_counter()
         results = await asyncio.gather(*(one(it, at) for it, at in zip(items, times)))
         duration = time.perf_counter() - t0
@@ -139,7 +139,7 @@ async def run_serve_benchmark_async(base_url: str, items: list[WorkloadItem], *,
     errors = [r.error for r in results if not r.success]
     return {"base_url": base_url, "endpoint": endpoint, "model": model, "num_requests": len(items),
             "request_rate": request_rate if not math.isinf(request_rate) else "inf",
-            "max_concurrency": max_concurrency, "seed": seed, **metrics,
+            "max_concurrency": max_concurrency, "seed": seed, **metrics, **load.summary(),
             "errors": errors[:10],
             "per_request": {"input_lens": [r.prompt_len for r in results],
                             "output_lens": [r.output_tokens for r in results],
