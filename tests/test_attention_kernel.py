@@ -3,6 +3,9 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+import signal
+import time
 
 import pytest
 import torch
@@ -180,3 +183,23 @@ def test_missing_compiler_falls_back(fresh_build, monkeypatch):
     assert cpu_kernel.load_library() is None
     cpu = torch.zeros(2, 3, 4)
     assert not cpu_kernel.supports(cpu, cpu)
+
+
+def test_worker_pool_survives_fork():
+    # The kernel keeps worker threads between calls; a forked child (a server worker, a DataLoader) has
+    # none of them and must still finish a threaded call instead of waiting for workers forever.
+    lens = [400, 900, 650, 300]
+    q, kc, vc, tables, seq_lens, *_ = decode_batch(lens, 16, 3, 3, 64, torch.float32, seed=6)
+    expected = run_kernel(q, kc, vc, tables, seq_lens, 0.125, num_threads=3)  # starts the pool here
+    out = torch.zeros_like(q)
+    pid = os.fork()
+    if pid == 0:  # child: only the kernel runs here (no torch ops, whose OpenMP pool does not survive fork)
+        cpu_kernel.decode_attention(out, q, kc, vc, tables, seq_lens, 0.125, num_threads=3)
+        os._exit(0 if torch.equal(out, expected) else 1)
+    deadline = time.monotonic() + 30
+    while (res := os.waitpid(pid, os.WNOHANG)) == (0, 0) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    if res == (0, 0):
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+    assert res[0] == pid and os.waitstatus_to_exitcode(res[1]) == 0

@@ -10,9 +10,18 @@ from pathlib import Path
 import pytest
 
 from pagedserve.bench.report import FULL, QUICK, plan_from_args
-from pagedserve.bench.report_runs import (generator_kwargs, largest_static_batch, load_generator,
-                                          static_batch_cache_tokens, workload_items)
-from pagedserve.bench.report_server import engine_flags, rates_from_capacity, sustainable_rate
+from pagedserve.bench.report_runs import (
+    generator_kwargs,
+    largest_static_batch,
+    load_generator,
+    static_batch_cache_tokens,
+    workload_items,
+)
+from pagedserve.bench.report_server import (
+    engine_flags,
+    rates_from_capacity,
+    sustainable_rate,
+)
 from pagedserve.bench.workload import WorkloadItem
 from pagedserve.cli import build_parser, engine_config, main
 from pagedserve.config import EngineConfig
@@ -44,7 +53,7 @@ def test_report_writes_plots_and_a_readme_with_every_section(report):
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000, name
         assert f"]({name})" in readme
     for n in range(1, 7):
-        section = re.search(rf"^## {n}\. .*?(?=^## )", readme, re.S | re.M)
+        section = re.search(rf"^## {n}\. .*?(?=^## )", readme, re.DOTALL | re.MULTILINE)
         assert section, f"section {n} missing"
         body = section.group(0)
         assert "**The paper.**" in body and "**Measured.**" in body
@@ -94,7 +103,8 @@ def test_report_prefix_sampling_latency_and_recompute_numbers(report):
     on, off = s["prefix"]["on"], s["prefix"]["off"]
     assert off["prefix_cache_hits"] == 0 and on["prefix_cache_hits"] > 0
     assert off["prefill_tokens_computed"] == off["prompt_tokens"]  # nothing cached, nothing preempted
-    assert on["prefill_tokens_computed"] == on["prompt_tokens"] - on["prefix_cache_hits"] < off["prefill_tokens_computed"]
+    assert on["prefill_tokens_computed"] == on["prompt_tokens"] - on["prefix_cache_hits"]
+    assert on["prefill_tokens_computed"] < off["prefill_tokens_computed"]
     assert on["kv_blocks_peak"] <= off["kv_blocks_peak"]
 
     for row in s["sampling"]:
@@ -165,10 +175,12 @@ def test_workload_items_scale_and_fold_into_a_small_vocabulary():
 def test_presets_and_overrides(tiny_model_dir, tmp_path, capsys):
     parse = build_parser().parse_args
     quick = plan_from_args(parse(["bench", "report", "--quick"]))
-    assert quick.chat_requests == QUICK.chat_requests and quick.serve_budget == QUICK.budgets[1]
-    full = plan_from_args(parse(["bench", "report", "--budgets", "128,256,512", "--hf-budgets", "512,999"]))
-    assert full.chat_requests == FULL.chat_requests and full.budgets == [128, 256, 512]
-    assert full.hf_budgets == [512] and full.serve_budget == 256
+    assert quick.chat_requests == QUICK.chat_requests and quick.serve_budget == min(QUICK.budgets)
+    full = plan_from_args(parse(["bench", "report", "--budgets", "512,128,256", "--hf-budgets", "512,999"]))
+    assert full.chat_requests == FULL.chat_requests and full.budgets == [512, 128, 256]
+    assert full.hf_budgets == [512] and full.serve_budget == 128
+    pinned = plan_from_args(parse(["bench", "report", "--budgets", "256,512", "--serve-budget", "512"]))
+    assert pinned.serve_budget == 512
     assert parse(["bench", "report"]).max_model_len == 2048
     # a budget below one window is refused before anything runs
     rc = main(["bench", "report", "--budgets", "8,64", "--out", str(tmp_path), "--sections", "1",

@@ -36,19 +36,22 @@ class ReportPlan:
     serve_requests: int
     rate_multipliers: list[float]  # request rates as multiples of the offline capacity of section 2
     recompute_lengths: list[int]
-    serve_budget: int | None = None   # KV blocks of the server (default: the second budget)
+    serve_budget: int | None = None   # KV blocks of the server (default: the smallest budget)
     rates: list[float] | None = None  # explicit request rates (override the multipliers)
     workload_scale: float = 1.0
     seed: int = 0
     sections: list[int] = field(default_factory=lambda: [1, 2, 3, 4, 5, 6])
 
 
-FULL = ReportPlan(chat_requests=32, budgets=[256, 512, 1024, 2048], hf_budgets=[2048], shared_requests=32,
-                  sampling_prompts=6, sampling_ns=[2, 4, 6], serve_requests=24, rate_multipliers=[0.3, 0.6, 1.0, 1.5],
-                  recompute_lengths=[64, 128, 256, 512, 1024, 2000])
-QUICK = ReportPlan(chat_requests=16, budgets=[256, 1024], hf_budgets=[1024], shared_requests=16,
-                   sampling_prompts=3, sampling_ns=[2, 4, 6], serve_requests=12, rate_multipliers=[0.4, 1.0, 2.0],
-                   recompute_lengths=[64, 256, 1024])
+# Sized for two shared CPU cores at 100-400 output tokens/s: full about 20 minutes, quick about 5.
+# The server's budget is the tightest, where memory limits the batch (at generous budgets the
+# policies converge, as section 2 shows).
+FULL = ReportPlan(chat_requests=24, budgets=[256, 512, 1024], hf_budgets=[1024], shared_requests=24,
+                  sampling_prompts=4, sampling_ns=[2, 4, 6], serve_requests=10, rate_multipliers=[0.25, 0.5, 1.0, 2.0],
+                  recompute_lengths=[64, 128, 256, 512, 1024, 2000], serve_budget=256)
+QUICK = ReportPlan(chat_requests=8, budgets=[256, 1024], hf_budgets=[1024], shared_requests=8,
+                   sampling_prompts=2, sampling_ns=[2, 6], serve_requests=8, rate_multipliers=[0.25, 1.0],
+                   recompute_lengths=[64, 256, 1024], serve_budget=256)
 
 
 # ---- command line -----------------------------------------------------------------------------
@@ -82,10 +85,10 @@ _PLAN_FLAGS = {  # flag -> (type, help); each overrides the preset's field of th
     "serve_requests": (int, "requests per request-rate point of section 5"),
     "rate_multipliers": (_floats, "section 5's request rates as multiples of section 2's offline req/s"),
     "rates": (_floats, "section 5's request rates in req/s (instead of --rate-multipliers)"),
-    "serve_budget": (int, "KV blocks of the server in section 5 (default: the second budget)"),
+    "serve_budget": (int, "KV blocks of the server in section 5 (default: the smallest budget)"),
     "recompute_lengths": (_ints, "context lengths of section 6"),
-    "workload_scale": (float, "multiply the workload generators' length medians (1: as the paper-like defaults; "
-                              "smaller for tiny test models)"),
+    "workload_scale": (float, ("multiply the workload generators' length medians (1: as the paper-like defaults; "
+                              "smaller for tiny test models)")),
     "sections": (_ints, "sections to run, e.g. 1,2,3 (default all)"),
 }
 
@@ -117,8 +120,8 @@ def plan_from_args(args) -> ReportPlan:
     plan.seed = args.workload_seed
     if not set(plan.hf_budgets) <= set(plan.budgets):
         plan.hf_budgets = [b for b in plan.hf_budgets if b in plan.budgets] or [max(plan.budgets)]
-    if plan.serve_budget is None:
-        plan.serve_budget = plan.budgets[min(1, len(plan.budgets) - 1)]
+    if plan.serve_budget is None or args.budgets is not None and args.serve_budget is None:
+        plan.serve_budget = min(plan.budgets)
     return plan
 
 
@@ -211,11 +214,12 @@ def run_report(args, plan: ReportPlan) -> dict:
         serve_items = items("chat", plan.serve_requests)
         log(f"section 5: servers at {plan.serve_budget} KV blocks, {len(serve_items)} requests at rates {rates} req/s")
         points = latency_sweep(base.replace(num_kv_blocks=plan.serve_budget), serve_items, rates, LATENCY_POLICIES,
-                               args.out, log, seed=plan.seed)
+                               log, seed=plan.seed)
         done("latency", {"num_kv_blocks": plan.serve_budget, "block_size": base.block_size, "max_model_len": window,
                          "rates": rates, "num_requests": len(serve_items),
                          "rates_from": "--rates" if plan.rates else
-                         f"multiples {plan.rate_multipliers} of section 2's offline req/s (kv_reservation=none)",
+                         f"multiples {plan.rate_multipliers} of section 2's offline req/s with kv_reservation=none "
+                         f"at {plan.serve_budget} blocks",
                          "policies": points})
     if 6 in want:
         lengths = [L for L in plan.recompute_lengths if L + 9 <= window]
@@ -238,14 +242,15 @@ def _capacity(results: dict, budget: int) -> float:
     """Offline req/s of paged allocation (none) at the server's budget (or the nearest measured)."""
     runs = [r for r in _runs(results) if r["kv_reservation"] == "none"]
     if not runs:
-        raise ValueError("section 5 needs section 2's throughput to set its request rates: run section 2 or give --rates")
+        raise ValueError("section 5 sets its request rates from section 2's throughput: run section 2 "
+                         "or give --rates")
     return min(runs, key=lambda r: abs(r["num_kv_blocks"] - budget))["requests_per_s"]
 
 
 def _check_budgets(plan: ReportPlan, window: int, block_size: int) -> None:
     """Every budget must hold at least one whole window, or max_model_len reservation could run nothing."""
     need = -(-window // block_size)
-    small = [b for b in plan.budgets + [plan.serve_budget] if b < need]
+    small = sorted({b for b in plan.budgets + [plan.serve_budget] if b < need})
     if small:
         raise ValueError(f"KV budgets {small} hold less than one {window}-token window ({need} blocks of "
                          f"{block_size}): max_model_len reservation could never admit a request")

@@ -2,14 +2,23 @@
 from __future__ import annotations
 
 import matplotlib
+import matplotlib.ticker
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
-from pagedserve.bench.report_claims import (PAPER_SAMPLING_SAVING, PAPER_SLOT_SHARES, by_policy,  # noqa: E402
-                                            sustainable_rates)
+from pagedserve.bench.report_claims import (
+    PAPER_SAMPLING_SAVING,
+    PAPER_SLOT_SHARES,
+    by_policy,
+    sustainable_rates,
+)
 
 COLORS = {"none": "#1b9e77", "request": "#7570b3", "max_model_len": "#d95f02", "hf": "#666666"}
+# Policies often coincide when the budget is generous: distinct markers and dashes keep each visible.
+STYLES = {"none": {"marker": "o", "linestyle": "-", "linewidth": 2.5, "markersize": 7},
+          "request": {"marker": "D", "linestyle": "--", "linewidth": 1.5, "markersize": 5},
+          "max_model_len": {"marker": "^", "linestyle": "-", "linewidth": 1.5, "markersize": 7}}
 LABELS = {"none": "paged (none)", "request": "reserve prompt+output (request)",
           "max_model_len": "reserve window (max_model_len)", "hf": "transformers static batch"}
 
@@ -57,7 +66,7 @@ def budgets(runs: list[dict], hf: list[dict], path: str) -> None:
         for policy in ("none", "request", "max_model_len"):
             pts = sorted((r["num_kv_blocks"], r[key]) for r in runs if r["kv_reservation"] == policy)
             if pts:
-                ax.plot(*zip(*pts), marker="o", color=COLORS[policy], label=LABELS[policy])
+                ax.plot(*zip(*pts), color=COLORS[policy], label=LABELS[policy], **STYLES[policy])
         hf_key = "batch_size" if key == "mean_running_requests" else "output_tokens_per_s"
         hf_pts = [(h["num_kv_blocks"], h[hf_key]) for h in hf if h.get("output_tokens_per_s")]
         if hf_pts:
@@ -122,14 +131,19 @@ def latency(section: dict, path: str) -> None:
         xy = [(p["request_rate"], p["mean_normalized_latency_s_per_token"]) for p in pts
               if p["mean_normalized_latency_s_per_token"] is not None]
         if xy:
-            ax.plot(*zip(*xy), marker="o", color=COLORS[policy], label=LABELS[policy])
+            ax.plot(*zip(*xy), color=COLORS[policy], label=LABELS[policy], **STYLES[policy])
         rate, how = s[policy]
         if rate is not None and how == "crossed":
             ax.axvline(rate, color=COLORS[policy], linestyle=":", alpha=0.8)
     if s["threshold_s_per_token"] is not None:
         ax.axhline(s["threshold_s_per_token"], color="#444444", linestyle="--", linewidth=1,
-                   label="2x the lowest latency (sustainable limit)")
+                   label="2x the unloaded latency (sustainable limit)")
         ax.set_yscale("log")
+        plain = matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}")
+        ax.yaxis.set_major_formatter(plain)
+        lo, hi = ax.get_ylim()
+        if hi / lo < 10:  # under a decade only minor ticks carry values; over it they would crowd
+            ax.yaxis.set_minor_formatter(plain)
     ax.set_xlabel("request rate (req/s, Poisson arrivals)")
     ax.set_ylabel("normalized latency (s/token, log)")
     ax.set_title(f"Latency under load (server, {section['num_kv_blocks']} KV blocks)", fontsize=10)

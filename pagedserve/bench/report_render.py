@@ -71,7 +71,8 @@ Management for Large Language Model Serving with PagedAttention*, SOSP 2023.
 
 - **Command:** `{r['command']}`
 - **Date:** {r['date']} (the run took {r.get('elapsed_s', 0) / 60:.1f} min)
-- **Machine:** {m['cpu']}, {m['cpu_count']} cores ({', '.join(m.get('cpu_flags', []))}), {m['platform']}, Python {m['python']}, torch {m.get('torch', '?')}
+- **Machine:** {m['cpu']}, {m['cpu_count']} cores ({', '.join(m.get('cpu_flags', []))}), {m['platform']},
+  Python {m['python']}, torch {m.get('torch', '?')}
 - **Threads:** {r['threads']} torch thread(s) per engine ({r['threads_reason']})
 - **Load average (1 min)** at the start and after each section: {loads}. The machine is shared; other
   processes' load slows every run alike within a section, but absolute tokens/s are lower bounds.
@@ -95,7 +96,8 @@ def _summary(cs: list[Claim]) -> str:
 def _footer(r: dict) -> str:
     p = r["plan"]
     plan = ", ".join(f"{k}={v}" for k, v in p.items())
-    return (f"## How this was measured\n\nPlan (`ReportPlan` in pagedserve/bench/report.py): {plan}.\n\nEach engine run submits all its requests at once "
+    return (f"## How this was measured\n\nPlan (`ReportPlan` in pagedserve/bench/report.py): {plan}.\n\n"
+            f"Each engine run submits all its requests at once "
             f"(sections 1-4) and steps until the last finishes; timing excludes model loading. Shares of KV slots "
             f"come from the engine's own per-step accounting (`engine.kv_cache.usage_sum`), block counts from its "
             f"block pool, prefill and hit counts from its prefix-cache counters.\n")
@@ -115,7 +117,8 @@ def _memory_body(r: dict, runs: list[dict]) -> str:
             f"request, and slots no token will ever fill (internal fragmentation). The figure is the run at "
             f"{blocks} blocks; the table has every budget of section 2 (the shares barely depend on it).\n\n"
             f"![KV slot shares](memory.png)\n\n"
-            + md_table(["KV blocks", "kv_reservation", "token states", "reserved", "fragmentation", "preemptions"], rows))
+            + md_table(["KV blocks", "kv_reservation", "token states", "reserved", "fragmentation",
+                        "preemptions"], rows))
 
 
 def _budget_body(r: dict, runs: list[dict], hf: list[dict]) -> str:
@@ -137,7 +140,8 @@ def _budget_body(r: dict, runs: list[dict], hf: list[dict]) -> str:
                    f"budget (a batch of b requests needs b x (longest prompt + longest output in the batch) "
                    f"token slots; batches taken in workload order): {sizes}. Each batch generates until its longest "
                    f"request is done; only each request's own tokens count as output. It runs only at the budgets "
-                   f"listed, since it is slow on this CPU.")
+                   f"listed, since it is slow on this CPU (transformers {hf[0].get('transformers')}, "
+                   f"{hf[0].get('attn_implementation')} attention, {hf[0].get('mlp_layers')}).")
     ratio_rows = [[str(x["num_kv_blocks"]), x["running_ratio"], x["throughput_ratio"],
                    x.get("throughput_ratio_request", "-"), x.get("throughput_ratio_hf", "-")]
                   for x in claims.budget_ratios(runs, hf)]
@@ -188,19 +192,20 @@ def _latency_body(sec: dict) -> str:
         for p in pts:
             rows.append([policy, p["request_rate"], fmt(p["mean_normalized_latency_s_per_token"], 4), p["mean_ttft_ms"],
                          p["mean_tpot_ms"], p["output_throughput"], f"{p['completed']}/{p['num_requests']}",
-                         p["duration_s"]])
+                         p["duration_s"], p.get("loadavg_1min_mean")])
     return (f"**How.** `pagedserve serve` as a subprocess on a free 127.0.0.1 port with {sec['num_kv_blocks']} KV "
             f"blocks (a fresh server per policy, prefix caching off so repeated prompts find nothing cached), "
             f"driven by `bench.serve` with {sec['num_requests']} chat requests per rate, Poisson arrivals, streamed "
             f"completions with exact output lengths; one warm-up request first. Rates: {sec['rates_from']}. "
             f"Normalized latency is the mean over requests of end-to-end latency / output tokens. A policy's "
             f"sustainable rate is where its normalized latency crosses {claims.LATENCY_THRESHOLD:g}x the unloaded "
-            f"one (the lower of the two policies' at the lowest rate, {fmt(s['threshold_s_per_token'], 3)} s/token), interpolated between rates. With "
+            f"one (the lower of the two policies' at the lowest rate, {fmt(s['threshold_s_per_token'], 3)} "
+            f"s/token), interpolated between rates. With "
             f"{sec['num_requests']} requests per point an overloaded server's latency grows with the queue rather "
             f"than without bound, so past the knee the curve rises steeply but finitely.\n\n"
             f"![normalized latency against request rate](latency.png)\n\n"
             + md_table(["kv_reservation", "rate req/s", "normalized latency s/token", "mean TTFT ms", "mean TPOT ms",
-                        "output tok/s", "completed", "duration s"], rows))
+                        "output tok/s", "completed", "duration s", "load avg"], rows))
 
 
 def _recompute_body(rows_in: list[dict]) -> str:

@@ -12,7 +12,7 @@ import inspect
 import statistics
 import sys
 import time
-from typing import Callable
+from collections.abc import Callable
 
 from pagedserve.bench.throughput import run_engine
 from pagedserve.bench.workload import WorkloadItem, item_from_dict
@@ -198,7 +198,6 @@ def parallel_sampling(base: EngineConfig, items: list[WorkloadItem], ns: list[in
     Prefix caching is off in both, so the independent requests share nothing; the pool holds every
     sequence at once, so neither run preempts.
     """
-    from pagedserve.sampling_params import SamplingParams
     B = base.block_size
     rows = []
     for n in ns:
@@ -207,18 +206,8 @@ def parallel_sampling(base: EngineConfig, items: list[WorkloadItem], ns: list[in
                               max_num_seqs=max(base.max_num_seqs, n * len(items)))
         row = {"n": n, "num_prompts": len(items), "num_kv_blocks": blocks}
         for mode in ("shared", "independent"):
-            def body(engine, mode=mode):
-                for it in items:
-                    prompt = {"prompt_token_ids": it.prompt_token_ids}
-                    if mode == "shared":
-                        engine.add_request(it.id, prompt, SamplingParams(n=n, temperature=1.0, max_tokens=it.max_tokens,
-                                                                         ignore_eos=True))
-                    else:
-                        for i in range(n):
-                            engine.add_request(f"{it.id}/{i}", prompt, SamplingParams(
-                                temperature=1.0, max_tokens=it.max_tokens, ignore_eos=True))
-                return drive(engine)
-            row[mode] = _with_engine(config, body)
+            row[mode] = _with_engine(config, lambda engine, shared=mode == "shared", n=n:
+                                     _sample_n(engine, items, n, shared))
         sh, ind = row["shared"], row["independent"]
         row["saving_mean"] = 1 - sh["blocks_mean"] / ind["blocks_mean"]
         row["saving_peak"] = 1 - sh["blocks_peak"] / ind["blocks_peak"]
@@ -226,6 +215,21 @@ def parallel_sampling(base: EngineConfig, items: list[WorkloadItem], ns: list[in
             f"({100 * row['saving_mean']:.1f}% saved; peak {100 * row['saving_peak']:.1f}%)")
         rows.append(row)
     return rows
+
+
+def _sample_n(engine, items: list[WorkloadItem], n: int, shared: bool) -> dict:
+    """Submit every prompt for n samples (one request with n, or n requests), then drive the engine."""
+    from pagedserve.sampling_params import SamplingParams
+    for it in items:
+        prompt = {"prompt_token_ids": it.prompt_token_ids}
+        if shared:
+            engine.add_request(it.id, prompt, SamplingParams(n=n, temperature=1.0, max_tokens=it.max_tokens,
+                                                             ignore_eos=True))
+        else:
+            for i in range(n):
+                engine.add_request(f"{it.id}/{i}", prompt, SamplingParams(temperature=1.0, max_tokens=it.max_tokens,
+                                                                          ignore_eos=True))
+    return drive(engine)
 
 
 # ---- section 6: why a KV cache -----------------------------------------------------------------
@@ -259,7 +263,8 @@ def cache_vs_recompute(base: EngineConfig, token_ids: list[int], lengths: list[i
         for L in lengths:
             row = one(engine, L)
             rows.append(row)
-            log(f"context {L}: {row['cached_ms']:.1f} ms/token with the cache, {row['recompute_ms']:.1f} ms recomputing")
+            log(f"context {L}: {row['cached_ms']:.1f} ms/token with the cache, "
+                f"{row['recompute_ms']:.1f} ms recomputing")
         return rows
     return _with_engine(config, body)
 

@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 import math
 import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 
 import httpx
@@ -24,7 +26,7 @@ from pagedserve.config import EngineConfig
 # The aggregate numbers kept per rate point (run_serve_benchmark's per-request lists are dropped).
 _KEEP = ("request_rate", "num_requests", "completed", "failed", "duration_s", "request_throughput",
          "output_throughput", "mean_normalized_latency_s_per_token", "mean_ttft_ms", "median_ttft_ms",
-         "mean_tpot_ms", "mean_e2el_ms", "p90_e2el_ms", "errors")
+         "mean_tpot_ms", "mean_e2el_ms", "p90_e2el_ms", "loadavg_1min_mean", "errors")
 
 
 def free_port() -> int:
@@ -87,18 +89,20 @@ def rates_from_capacity(requests_per_s: float, multipliers: list[float]) -> list
     out = []
     for m in multipliers:
         r = requests_per_s * m
-        digits = 1 - int(math.floor(math.log10(r)))
+        digits = 1 - math.floor(math.log10(r))
         out.append(round(r, digits))
     return sorted(set(out))
 
 
 def latency_sweep(base: EngineConfig, items: list[WorkloadItem], rates: list[float], policies: list[str],
-                  log_dir: str, log: Log, seed: int = 0) -> dict:
+                  log: Log, seed: int = 0) -> dict:
     """Normalized latency at each request rate, for each reservation policy (a fresh server per policy).
 
     Prefix caching is off: every rate point sends the same prompts, and a later point must not
-    find an earlier point's blocks in the cache.
+    find an earlier point's blocks in the cache. Server logs go to a temporary folder.
     """
+    log_dir = tempfile.mkdtemp(prefix="pagedserve-report-")
+    log(f"server logs in {log_dir}")
     out = {}
     for policy in policies:
         config = base.replace(kv_reservation=policy, enable_prefix_caching=False)
@@ -133,7 +137,7 @@ def sustainable_rate(rates: list[float], latencies: list[float | None], threshol
         return None, "below"
     if pts[0][1] > threshold:
         return None, "below"
-    for (r0, l0), (r1, l1) in zip(pts, pts[1:]):
+    for (r0, l0), (r1, l1) in itertools.pairwise(pts):
         if l1 > threshold:
             return r0 + (r1 - r0) * (threshold - l0) / (l1 - l0), "crossed"
     return pts[-1][0], "above"

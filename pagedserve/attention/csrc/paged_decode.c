@@ -17,7 +17,7 @@
  * Built by pagedserve/attention/cpu_kernel.py with `cc -O3 -march=native` and no -ffast-math (the
  * float32 results must stay within 1e-5 of a float64 reference). Float reductions are written with
  * explicit vector lanes (GCC/Clang vector extensions), so they vectorize without reassociation and
- * sum in a fixed order. Threads are pthreads: an OpenMP runtime here would fight the one torch ships.
+ * sum in a fixed order. Threads come from a small persistent pthread pool (see run_jobs).
  */
 #include <pthread.h>
 #include <stdint.h>
@@ -360,15 +360,15 @@ static void zero_heads(const DecodeArgs *a, int64_t s, int h0, int h1) { /* empt
                (size_t)(a->head_dim * esz));
 }
 
-/* ---- entry points ---- */
+/* ---- work split and threads ---- */
 
 /* Units [begin, end) of the flattened (sequence, KV head) index u = s * Hkv + h; the heads of one
  * sequence within the range go together. Returns 0, or -1 if scratch memory could not be allocated. */
-int paged_decode_range(const DecodeArgs *a, int64_t begin, int64_t end) {
+static int decode_range(const DecodeArgs *a, int64_t begin, int64_t end) {
     const int Hkv = a->num_kv_heads, G = a->num_q_heads / Hkv, Dp = (a->head_dim + LANES - 1) / LANES * LANES;
     int64_t max_len = 0;
     for (int64_t u = begin; u < end; u++) max_len = a->seq_lens[u / Hkv] > max_len ? a->seq_lens[u / Hkv] : max_len;
-    int64_t ld = (max_len + LANES - 1) / LANES * LANES;
+    const int64_t ld = (max_len + LANES - 1) / LANES * LANES;
     float *buf = malloc(sizeof(float) * (size_t)((int64_t)Hkv * G * (2 * Dp + ld)));
     if (!buf) return -1;
     for (int64_t u = begin; u < end;) {
@@ -383,24 +383,78 @@ int paged_decode_range(const DecodeArgs *a, int64_t begin, int64_t end) {
     return 0;
 }
 
+/* A persistent worker pool (pthreads, not OpenMP: torch ships its own OpenMP runtime, and two in one
+ * process fight over the cores). Starting threads on every call measured about 10% slower. */
 typedef struct {
     const DecodeArgs *a;
     int64_t begin, end;
     int rc;
 } Job;
 
-static void *run_job(void *p) {
-    Job *j = p;
-    j->rc = paged_decode_range(j->a, j->begin, j->end);
+#define MAX_THREADS 64
+static struct {
+    pthread_mutex_t mu;
+    pthread_cond_t wake, done;
+    int started;         /* worker threads alive, all waiting on `wake` between calls */
+    Job *jobs;           /* this call's jobs; job 0 is the caller's */
+    int njobs, next, left; /* next job to take; jobs taken by workers and not finished */
+} pool = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, PTHREAD_COND_INITIALIZER, 0, NULL, 0, 0, 0};
+static pthread_mutex_t call_mu = PTHREAD_MUTEX_INITIALIZER; /* one call uses the pool at a time */
+static pthread_once_t atfork_once = PTHREAD_ONCE_INIT;
+
+static void *worker(void *arg) {
+    (void)arg;
+    pthread_mutex_lock(&pool.mu);
+    for (;;) {
+        while (pool.next >= pool.njobs) pthread_cond_wait(&pool.wake, &pool.mu);
+        Job *j = &pool.jobs[pool.next++];
+        pool.left++;
+        pthread_mutex_unlock(&pool.mu);
+        j->rc = decode_range(j->a, j->begin, j->end);
+        pthread_mutex_lock(&pool.mu);
+        if (--pool.left == 0 && pool.next >= pool.njobs) pthread_cond_signal(&pool.done);
+    }
     return NULL;
 }
 
-#define MAX_THREADS 256
-#define UNIT_OVERHEAD 8             /* fixed cost of a unit, in context tokens */
-#define MIN_TOKENS_PER_THREAD 4096 /* context tokens x KV heads; less does not pay a thread start */
+static void reset_in_child(void) { /* a forked child has none of the parent's threads */
+    pthread_mutex_init(&pool.mu, NULL);
+    pthread_cond_init(&pool.wake, NULL);
+    pthread_cond_init(&pool.done, NULL);
+    pthread_mutex_init(&call_mu, NULL);
+    pool.started = pool.njobs = pool.next = pool.left = 0;
+}
 
-/* All units on up to num_threads threads (the caller's included), in contiguous ranges of about
- * equal total context length. Returns 0, or -1 on an allocation failure. */
+static void register_atfork(void) { pthread_atfork(NULL, NULL, reset_in_child); }
+
+/* Jobs [0, n) with the pool's help; the caller takes jobs too, so it finishes even with no workers. */
+static void run_jobs(Job *jobs, int n) {
+    pthread_once(&atfork_once, register_atfork);
+    pthread_mutex_lock(&pool.mu);
+    while (pool.started < n - 1) {
+        pthread_t t;
+        if (pthread_create(&t, NULL, worker, NULL) != 0) break;
+        pthread_detach(t);
+        pool.started++;
+    }
+    pool.jobs = jobs, pool.njobs = n, pool.next = 0, pool.left = 0;
+    pthread_cond_broadcast(&pool.wake);
+    while (pool.next < pool.njobs) {
+        Job *j = &pool.jobs[pool.next++];
+        pthread_mutex_unlock(&pool.mu);
+        j->rc = decode_range(j->a, j->begin, j->end);
+        pthread_mutex_lock(&pool.mu);
+    }
+    while (pool.left > 0) pthread_cond_wait(&pool.done, &pool.mu);
+    pool.jobs = NULL, pool.njobs = pool.next = 0;
+    pthread_mutex_unlock(&pool.mu);
+}
+
+#define UNIT_OVERHEAD 8             /* fixed cost of a unit, in context tokens */
+#define MIN_TOKENS_PER_THREAD 2048 /* context tokens x KV heads; less does not pay for waking a thread */
+
+/* The one entry point: all units on up to num_threads threads (the caller's included), in contiguous
+ * ranges of about equal total context length. Returns 0, or -1 on an allocation failure. */
 int paged_decode(const DecodeArgs *a, int num_threads) {
     const int Hkv = a->num_kv_heads;
     const int64_t units = (int64_t)a->num_seqs * Hkv;
@@ -410,24 +464,19 @@ int paged_decode(const DecodeArgs *a, int num_threads) {
     if (T > num_threads) T = num_threads;
     if (T > units) T = units;
     if (T > MAX_THREADS) T = MAX_THREADS;
-    if (T <= 1) return paged_decode_range(a, 0, units);
+    if (T <= 1 || pthread_mutex_trylock(&call_mu) != 0) /* small, or another thread holds the pool */
+        return decode_range(a, 0, units);
 
     Job jobs[MAX_THREADS];
-    pthread_t tids[MAX_THREADS];
-    int started[MAX_THREADS] = {0};
     int64_t u = 0, done = 0;
     for (int64_t i = 0; i < T; i++) { /* range i ends once the running cost reaches (i + 1) / T of the total */
         int64_t goal = total * (i + 1) / T, begin = u;
         while (u < units && (i == T - 1 || done < goal)) done += a->seq_lens[u++ / Hkv] + UNIT_OVERHEAD;
         jobs[i] = (Job){a, begin, u, 0};
     }
-    for (int64_t i = 1; i < T; i++) started[i] = pthread_create(&tids[i], NULL, run_job, &jobs[i]) == 0;
-    run_job(&jobs[0]);
-    int rc = jobs[0].rc;
-    for (int64_t i = 1; i < T; i++) {
-        if (started[i]) pthread_join(tids[i], NULL);
-        else run_job(&jobs[i]); /* no thread to spare: run it here */
-        rc |= jobs[i].rc;
-    }
+    run_jobs(jobs, (int)T);
+    pthread_mutex_unlock(&call_mu);
+    int rc = 0;
+    for (int64_t i = 0; i < T; i++) rc |= jobs[i].rc;
     return rc;
 }
