@@ -9,9 +9,9 @@ import time
 
 import pytest
 import torch
+from test_attention import MIXED, dense_reference, make_batch, rel_err
 
 from pagedserve.attention import cpu_kernel, paged_attention, torch_backend
-from test_attention import MIXED, dense_reference, make_batch, rel_err
 
 
 @pytest.fixture(scope="module", autouse=True)
