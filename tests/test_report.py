@@ -57,7 +57,7 @@ def test_report_writes_plots_and_a_readme_with_every_section(report):
         assert section, f"section {n} missing"
         body = section.group(0)
         assert "**The paper.**" in body and "**Measured.**" in body
-        assert re.search(r"\*\*Verdict: (held|partly held|did not hold)\.\*\*", body)
+        assert re.search(r"\*\*Verdict: (held|partly held|did not hold|not shown)\.\*\*", body)
         assert re.search(r"\d+\.\d", body), f"section {n} has no numbers"
     assert results["command"].startswith(f"pagedserve bench report --model {results['engine']['model']}")
     assert f"`{results['command']}`" in readme

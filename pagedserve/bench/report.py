@@ -47,10 +47,10 @@ class ReportPlan:
 # The server's budget is the tightest, where memory limits the batch (at generous budgets the
 # policies converge, as section 2 shows).
 FULL = ReportPlan(chat_requests=24, budgets=[256, 512, 1024], hf_budgets=[1024], shared_requests=24,
-                  sampling_prompts=4, sampling_ns=[2, 4, 6], serve_requests=10, rate_multipliers=[0.25, 0.5, 1.0, 2.0],
+                  sampling_prompts=4, sampling_ns=[2, 4, 6], serve_requests=20, rate_multipliers=[0.5, 1.0, 2.0],
                   recompute_lengths=[64, 128, 256, 512, 1024, 2000], serve_budget=256)
 QUICK = ReportPlan(chat_requests=8, budgets=[256, 1024], hf_budgets=[1024], shared_requests=8,
-                   sampling_prompts=2, sampling_ns=[2, 6], serve_requests=8, rate_multipliers=[0.25, 1.0],
+                   sampling_prompts=2, sampling_ns=[2, 6], serve_requests=8, rate_multipliers=[0.5, 2.0],
                    recompute_lengths=[64, 256, 1024], serve_budget=256)
 
 
@@ -126,16 +126,16 @@ def plan_from_args(args) -> ReportPlan:
 
 
 def choose_threads(requested: int | None) -> tuple[int, str]:
-    """torch threads for every engine of the report: as asked, else 1 on a busy machine, else all cores.
+    """torch threads for every engine of the report: as asked, else one.
 
-    Two OpenMP threads on two cores that another process also uses wait on each other.
+    On cores other processes also use, two OpenMP threads wait on each other: with a test suite
+    running alongside, a two-thread report fell from about 100 to 15 output tokens/s. One thread
+    degrades gracefully; give --num-threads on a machine of your own.
     """
     if requested:
         return requested, "--num-threads"
-    load = os.getloadavg()[0]
-    if load >= 1.0:
-        return 1, f"the 1-minute load average was {load:.2f} at the start (other processes)"
-    return os.cpu_count() or 1, f"the machine was idle at the start (load {load:.2f})"
+    return 1, (f"the default: the cores are shared, and competing OpenMP threads stall each other "
+               f"(1-minute load average {os.getloadavg()[0]:.2f} at the start)")
 
 
 def cmd_report(args) -> int:
@@ -212,6 +212,8 @@ def run_report(args, plan: ReportPlan) -> dict:
     if 5 in want:
         rates = plan.rates or rates_from_capacity(_capacity(results, plan.serve_budget), plan.rate_multipliers)
         serve_items = items("chat", plan.serve_requests)
+        results["workloads"]["serve"] = {"call": _call(gen, "chat", plan.serve_requests, plan),
+                                         **workload_summary(serve_items)}
         log(f"section 5: servers at {plan.serve_budget} KV blocks, {len(serve_items)} requests at rates {rates} req/s")
         points = latency_sweep(base.replace(num_kv_blocks=plan.serve_budget), serve_items, rates, LATENCY_POLICIES,
                                log, seed=plan.seed)

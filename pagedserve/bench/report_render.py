@@ -44,7 +44,7 @@ def render(results: dict, out: str) -> str:
         add(claims.sampling_claim(s["sampling"], results["workloads"]["chat"]), _sampling_body(s["sampling"]))
     if s.get("latency"):
         plots.latency(s["latency"], os.path.join(out, FIGURES["latency"]))
-        add(claims.latency_claim(s["latency"]), _latency_body(s["latency"]))
+        add(claims.latency_claim(s["latency"], results["workloads"].get("serve")), _latency_body(s["latency"]))
     if s.get("recompute"):
         plots.recompute(s["recompute"], os.path.join(out, FIGURES["recompute"]))
         add(claims.recompute_claim(s["recompute"]), _recompute_body(s["recompute"]))
