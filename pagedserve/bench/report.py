@@ -134,8 +134,8 @@ def choose_threads(requested: int | None) -> tuple[int, str]:
     """
     if requested:
         return requested, "--num-threads"
-    return 1, (f"the default: the cores are shared, and competing OpenMP threads stall each other "
-               f"(1-minute load average {os.getloadavg()[0]:.2f} at the start)")
+    return 1, (f"the default on shared cores, where competing OpenMP threads stall each other; 1-minute load "
+               f"average {os.getloadavg()[0]:.2f} at the start")
 
 
 def cmd_report(args) -> int:

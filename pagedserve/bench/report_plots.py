@@ -126,7 +126,7 @@ def sampling(rows: list[dict], path: str) -> None:
 def latency(section: dict, path: str) -> None:
     """Normalized latency against request rate, one line per policy; the threshold and knees marked."""
     s = sustainable_rates(section)
-    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    fig, ax = plt.subplots(figsize=(6.5, 4.8))
     for policy, pts in section["policies"].items():
         xy = [(p["request_rate"], p["mean_normalized_latency_s_per_token"]) for p in pts
               if p["mean_normalized_latency_s_per_token"] is not None]
@@ -147,7 +147,7 @@ def latency(section: dict, path: str) -> None:
     ax.set_xlabel("request rate (req/s, Poisson arrivals)")
     ax.set_ylabel("normalized latency (s/token, log)")
     ax.set_title(f"Latency under load (server, {section['num_kv_blocks']} KV blocks)", fontsize=10)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2, frameon=False)
     ax.grid(alpha=0.3, which="both")
     _save(fig, path)
 
@@ -162,6 +162,7 @@ def recompute(rows: list[dict], path: str) -> None:
     ax.set_yscale("log")
     ax.set_xticks(x)
     ax.set_xticklabels([str(v) for v in x])
+    ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
     ax.set_xlabel("context length (tokens)")
     ax.set_ylabel("time per generated token (ms, log)")
     ax.set_title("Why a KV cache (one sequence)", fontsize=10)

@@ -73,9 +73,9 @@ Management for Large Language Model Serving with PagedAttention*, SOSP 2023.
 - **Date:** {r['date']} (the run took {r.get('elapsed_s', 0) / 60:.1f} min)
 - **Machine:** {m['cpu']}, {m['cpu_count']} cores ({', '.join(m.get('cpu_flags', []))}), {m['platform']},
   Python {m['python']}, torch {m.get('torch', '?')}
-- **Threads:** {r['threads']} torch thread(s) per engine ({r['threads_reason']})
-- **Load average (1 min)** at the start and after each section: {loads}. The machine is shared; other
-  processes' load slows every run alike within a section, but absolute tokens/s are lower bounds.
+- **Threads:** {r['threads']} torch thread(s) per engine. Why: {r['threads_reason']}.
+- **Load average (1 min)** at the start and after each section: {loads}. The machine is shared with
+  other jobs (each run's mean load is in the tables); read absolute tokens/s as lower bounds.
 - **Model:** {model}, {dtype}; KV blocks of {e['block_size']} tokens; context window {r['max_model_len']}
   (the paper's OPT window; `max_model_len` reservation reserves this much per request); step budget
   {e['max_num_batched_tokens']} tokens, at most {e['max_num_seqs']} running requests.
@@ -134,12 +134,15 @@ def _budget_body(r: dict, runs: list[dict], hf: list[dict]) -> str:
                          h["loadavg_1min_mean"]])
     hf_note = ""
     if hf:
+        waste = [1 - h["output_tokens"] / h["generated_tokens_incl_padding"] for h in hf if h.get("output_tokens")]
         sizes = ", ".join(f"{h['batch_size']} at {h['num_kv_blocks']} blocks "
                           f"({fmt(h['cache_tokens_needed'], 0)} of {h['budget_tokens']:,} token slots)" for h in hf)
         hf_note = (f" Transformers' static batching runs at the largest batch whose contiguous cache fits the same "
                    f"budget (a batch of b requests needs b x (longest prompt + longest output in the batch) "
                    f"token slots; batches taken in workload order): {sizes}. Each batch generates until its longest "
-                   f"request is done; only each request's own tokens count as output. It runs only at the budgets "
+                   f"request is done; only each request's own tokens count as output (the rest, "
+                   f"{', '.join(pct(w) for w in waste)} of the tokens it generated, is waste). "
+                   f"It runs only at the budgets "
                    f"listed, since it is slow on this CPU (transformers {hf[0].get('transformers')}, "
                    f"{hf[0].get('attn_implementation')} attention, {hf[0].get('mlp_layers')}).")
     ratio_rows = [[str(x["num_kv_blocks"]), x["running_ratio"], x["throughput_ratio"],
@@ -190,7 +193,8 @@ def _latency_body(sec: dict) -> str:
     rows = []
     for policy, pts in sec["policies"].items():
         for p in pts:
-            rows.append([policy, p["request_rate"], fmt(p["mean_normalized_latency_s_per_token"], 4), p["mean_ttft_ms"],
+            rows.append([policy, fmt(p["request_rate"], 2), fmt(p["mean_normalized_latency_s_per_token"], 4),
+                         p["mean_ttft_ms"],
                          p["mean_tpot_ms"], p["output_throughput"], f"{p['completed']}/{p['num_requests']}",
                          p["duration_s"], p.get("loadavg_1min_mean")])
     return (f"**How.** `pagedserve serve` as a subprocess on a free 127.0.0.1 port with {sec['num_kv_blocks']} KV "
