@@ -1,5 +1,6 @@
 """The command line: help, option errors, generate, and the interactive chat's prefix reuse."""
 import io
+import os
 import re
 import subprocess
 import sys
@@ -60,3 +61,17 @@ def test_chat_streams_and_reuses_the_conversation_prefix(tiny_model_dir):
     assert len(stats) == 2
     (p1, c1), (p2, c2) = [(int(a), int(b)) for a, b in stats]
     assert c1 == 0 and p2 > p1 and c2 >= p1 - 4  # the whole first turn (but a partial block) is reused
+
+
+def _env_after_import(**env) -> str:
+    """GOMP_SPINCOUNT as `import pagedserve` leaves it in a fresh interpreter started with `env`."""
+    base = {k: v for k, v in os.environ.items() if k not in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")}
+    code = "import os, pagedserve; print(os.environ.get('GOMP_SPINCOUNT'))"
+    return subprocess.run([sys.executable, "-c", code], env={**base, **env}, capture_output=True, text=True,
+                          check=True).stdout.strip()
+
+
+def test_import_bounds_the_openmp_spin_unless_the_user_chose():
+    assert _env_after_import() == "1000"
+    assert _env_after_import(GOMP_SPINCOUNT="5") == "5"
+    assert _env_after_import(OMP_WAIT_POLICY="PASSIVE") == "None"  # libgomp would let the count override it
