@@ -3,7 +3,7 @@ import os
 
 # torch's OpenMP (libgomp) workers spin up to 300,000 rounds at every barrier before sleeping: when
 # another process holds a core, a decode step gets about 10x slower. A spin of 1,000 rounds keeps the
-# idle-machine speed and loses only about 2x then (docs/PERFORMANCE.md). It must be set before torch
+# idle-machine speed and loses 2-3x then (docs/PERFORMANCE.md). It must be set before torch
 # is imported; an explicit GOMP_SPINCOUNT or OMP_WAIT_POLICY wins.
 if "OMP_WAIT_POLICY" not in os.environ:
     os.environ.setdefault("GOMP_SPINCOUNT", "1000")
