@@ -450,3 +450,28 @@ def test_shared_prefix_cache(model_dir):
 
         assert cached("key-one") == 0
         assert cached("key-two") > 0  # one cache for everyone, by choice
+
+
+def test_request_body_limit(model_dir):
+    config = ServerConfig(max_request_bytes=2000, identities=load_identities(["key-one"]))
+    auth = {"Authorization": "Bearer key-one"}
+    with running_server(model_dir, config) as (base, engine):
+        with httpx.Client(base_url=base, timeout=30, headers=auth) as http:
+            big = {"model": "m", "prompt": "word " * 1000, "max_tokens": 2}
+            err = assert_error(http.post("/v1/completions", json=big), 413, "2,000 bytes", "--max-request-bytes")
+            assert err["code"] == "request_too_large"
+
+            def chunked():  # no Content-Length: the limit must hold while reading
+                yield b'{"model": "m", "prompt": "'
+                for _ in range(50):
+                    yield b"word " * 20
+                yield b'", "max_tokens": 2}'
+            assert_error(http.post("/v1/completions", content=chunked(),
+                                   headers={"content-type": "application/json"}), 413, "2,000 bytes")
+            ok = http.post("/v1/completions", json={"model": engine.model_name, "prompt": "small",
+                                                     "max_tokens": 2, "ignore_eos": True})
+            assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 2
+            # the key is checked first: no body is read for an unknown caller
+            assert_error(httpx.post(base + "/v1/completions", json=big, timeout=30), 401, "API key")
+        m = wait_idle(base, auth)
+        assert m["pagedserve:kv_cache_usage_perc"] == 0

@@ -18,6 +18,7 @@ from pagedserve.config import EngineConfig
 from pagedserve.server.args import ServerConfig, server_config
 from pagedserve.server.audit import AuditLog, AuditMiddleware
 from pagedserve.server.auth import AuthMiddleware
+from pagedserve.server.body_limit import BodyLimitMiddleware
 from pagedserve.server.metrics import ServerMetrics
 from pagedserve.server.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
                                         OpenAIError, TokenizeRequest)
@@ -80,6 +81,7 @@ def build_app(engine: AsyncEngine, config: ServerConfig | None = None, tokenizer
 
     app = FastAPI(title="pagedserve", version=pagedserve.__version__, lifespan=lifespan)
     app.state.engine, app.state.serving, app.state.metrics = engine, serving, metrics
+    app.add_middleware(BodyLimitMiddleware, max_bytes=config.max_request_bytes)  # innermost: after the key check
     app.add_middleware(AuthMiddleware, identities=config.identities)
     app.add_middleware(AuditMiddleware, log=audit_log)  # outermost: it sees the 401s too
 

@@ -5,6 +5,7 @@ import argparse
 from dataclasses import dataclass, field
 
 from pagedserve.server.auth import Identities, load_identities
+from pagedserve.server.body_limit import DEFAULT_MAX_REQUEST_BYTES
 
 DEFAULT_MAX_WAITING = 1024
 
@@ -17,6 +18,7 @@ class ServerConfig:
     shared_prefix_cache: bool = False
     audit_log: str | None = None
     max_waiting: int | None = DEFAULT_MAX_WAITING
+    max_request_bytes: int | None = DEFAULT_MAX_REQUEST_BYTES
     served_model_names: tuple[str, ...] = ()  # empty: the engine's model name
     log_level: str = "info"
 
@@ -38,6 +40,8 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
                         "tokens, cached tokens, finish reason, status, latency")
     g.add_argument("--max-waiting", type=int, default=DEFAULT_MAX_WAITING,
                    help="most requests queued but not running; more are refused with 503 (0: no limit)")
+    g.add_argument("--max-request-bytes", type=int, default=DEFAULT_MAX_REQUEST_BYTES,
+                   help="largest request body accepted; larger ones are refused with 413 (0: no limit)")
     g.add_argument("--served-model-name", action="append", default=None, metavar="NAME",
                    help="name clients use for the model (repeatable; default: the model's name)")
     g.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"),
@@ -49,9 +53,12 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
         raise ValueError(f"--port must be in [1, 65535], got {args.port}")
     if args.max_waiting < 0:
         raise ValueError(f"--max-waiting must be >= 0, got {args.max_waiting}")
+    if args.max_request_bytes < 0:
+        raise ValueError(f"--max-request-bytes must be >= 0, got {args.max_request_bytes}")
     return ServerConfig(
         host=args.host, port=args.port,
         identities=load_identities(args.api_key, args.api_keys_file),
         shared_prefix_cache=args.shared_prefix_cache, audit_log=args.audit_log,
-        max_waiting=args.max_waiting or None, served_model_names=tuple(args.served_model_name or ()),
+        max_waiting=args.max_waiting or None, max_request_bytes=args.max_request_bytes or None,
+        served_model_names=tuple(args.served_model_name or ()),
         log_level=args.log_level)

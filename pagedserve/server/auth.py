@@ -9,6 +9,8 @@ import hmac
 import json
 from dataclasses import dataclass
 
+from pagedserve.server.protocol import OpenAIError
+
 ANONYMOUS = "anonymous"
 
 
@@ -96,14 +98,9 @@ class AuthMiddleware:
         header = next((v.decode("latin-1") for k, v in scope.get("headers", ()) if k == b"authorization"), None)
         name = self.identities.identify(header)
         if name is None and scope["path"] not in self.open_paths:
-            body = json.dumps({"error": {
-                "message": "a valid API key is required: send the header `Authorization: Bearer KEY`",
-                "type": "authentication_error", "param": None, "code": "invalid_api_key"}}).encode()
-            await send({"type": "http.response.start", "status": 401, "headers": [
-                (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                (b"www-authenticate", b"Bearer")]})
-            await send({"type": "http.response.body", "body": body})
-            return
+            error = OpenAIError(401, "a valid API key is required: send the header `Authorization: Bearer KEY`",
+                                "authentication_error", code="invalid_api_key")
+            return await error.send(send, ((b"www-authenticate", b"Bearer"),))
         state["identity"] = name
         if "audit" in state:
             state["audit"]["identity"] = name

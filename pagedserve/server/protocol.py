@@ -5,6 +5,7 @@ working; fields we know but cannot honour are rejected instead of silently ignor
 """
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -24,6 +25,13 @@ class OpenAIError(Exception):
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+    async def send(self, send, headers: tuple[tuple[bytes, bytes], ...] = ()) -> None:
+        """Answer through a raw ASGI `send` (for middlewares, which run outside FastAPI's handlers)."""
+        body = json.dumps(self.body()).encode()
+        await send({"type": "http.response.start", "status": self.status, "headers": [
+            (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), *headers]})
+        await send({"type": "http.response.body", "body": body})
 
 
 def bad_request(message: str, param: str | None = None) -> OpenAIError:
