@@ -79,8 +79,8 @@ def build(cc: list[str], out_dir: Path) -> Path:
     compiler writes a temporary name that is renamed into place, so a concurrent process never
     loads a half-written file.
     """
-    cmd = [*cc, *CFLAGS, "-o", "{out}", str(SOURCE), *LIBS]
-    key = hashlib.sha256(b"\0".join([SOURCE.read_bytes(), " ".join(cmd).encode(), _machine_key().encode()]))
+    key = hashlib.sha256(b"\0".join([SOURCE.read_bytes(), " ".join(cc + CFLAGS + LIBS).encode(),
+                                     _machine_key().encode()]))
     so = out_dir / f"paged_decode-{key.hexdigest()[:16]}.so"
     if so.exists():
         return so
@@ -88,8 +88,8 @@ def build(cc: list[str], out_dir: Path) -> Path:
     fd, tmp = tempfile.mkstemp(prefix=so.stem + ".", suffix=".tmp", dir=out_dir)
     os.close(fd)
     try:
-        res = subprocess.run([tmp if a == "{out}" else a for a in cmd], capture_output=True, text=True, timeout=120,
-                             check=False)
+        res = subprocess.run([*cc, *CFLAGS, "-o", tmp, str(SOURCE), *LIBS], capture_output=True, text=True,
+                             timeout=120, check=False)
         if res.returncode != 0:
             raise RuntimeError(f"`{' '.join(cc)}` exited with {res.returncode}: {res.stderr.strip()[-2000:]}")
         os.replace(tmp, so)
