@@ -19,6 +19,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import AsyncIterator, Callable
 
+from pagedserve.engine import StepError
 from pagedserve.outputs import RequestOutput
 from pagedserve.sampling_params import SamplingParams
 
@@ -32,7 +33,11 @@ class QueueFullError(RuntimeError):
 
 
 class EngineDeadError(RuntimeError):
-    """The engine loop stopped (shut down, or a step failed); the request cannot go on."""
+    """The engine loop stopped (shut down, or the engine broke); the request cannot go on."""
+
+
+class RequestFailedError(RuntimeError):
+    """The engine step computing this request raised; the request was aborted, the engine goes on."""
 
 
 @dataclass(eq=False)
@@ -205,8 +210,10 @@ class AsyncEngine:
                     steps = engine.num_steps
                     try:
                         outputs = engine.step()
-                    except Exception as e:
-                        self._recover(e)
+                    except StepError as e:  # the step's requests were aborted; the rest go on
+                        self._fail(e.request_ids, e)
+                    except Exception as e:  # not even a step began (a bug): every live request fails
+                        self._fail(list(self._streams), e)
                     else:
                         self._dispatch(outputs)
                         if engine.num_steps == steps:  # nothing could be scheduled: wait, do not spin
@@ -219,10 +226,16 @@ class AsyncEngine:
             self._dead = e
             self._close(EngineDeadError(f"the engine failed: {type(e).__name__}: {e}"))
 
-    def _recover(self, error: Exception) -> None:
-        """A step raised: fail and abort every live request, then go on if the engine is consistent."""
-        logger.exception("an engine step failed; aborting the %d live requests", len(self._streams))
-        self._fail_all(EngineDeadError(f"the engine step failed: {type(error).__name__}: {error}"))
+    def _fail(self, request_ids: list[str], cause: Exception) -> None:
+        """A step raised: abort these requests and end their streams, then go on if the engine is consistent."""
+        logger.exception("an engine step failed; aborting %d requests, the others go on", len(request_ids))
+        detail = cause if isinstance(cause, StepError) else f"{type(cause).__name__}: {cause}"
+        error = RequestFailedError(f"the engine step computing this request failed: {detail}")
+        for rid in request_ids:
+            cmd = self._streams.pop(rid, None)
+            if cmd is not None:
+                _deliver(cmd.loop, cmd.outputs.put_nowait, error)
+        self.engine.abort_request(request_ids)
         self.engine.check_invariants()  # raises if the engine cannot go on: the loop then stops
 
     def _handle(self, commands: list) -> None:

@@ -3,6 +3,11 @@
 A user request with n > 1 is one group of n sequences: the prompt is computed once by
 sample 0, and when its first token is sampled the other samples fork from it (sharing
 every block, copy-on-write where they diverge inside one).
+
+A step that raises aborts the requests it was computing and nothing else: the scheduler
+commits a step (its tokens count as computed, its full blocks become shareable) only after
+the forward and the sampler have succeeded, so the cache stays as if the step never ran.
+The caller gets a StepError naming the aborted requests; the engine goes on serving.
 """
 from __future__ import annotations
 
@@ -16,13 +21,28 @@ import torch
 from pagedserve.config import EngineConfig, parse_memory
 from pagedserve.kv_cache import KVCacheManager
 from pagedserve.model.loader import load_model
-from pagedserve.outputs import CompletionOutput, Logprob, RequestOutput
+from pagedserve.outputs import CompletionOutput, Logprob, RequestOutput, SchedulerOutput
 from pagedserve.request import Request, RequestStatus
 from pagedserve.runner import ModelRunner, kv_bytes_per_block
-from pagedserve.sampler import SamplingBatch, sample
+from pagedserve.sampler import SamplingBatch, min_tokens_banned_ids, sample
 from pagedserve.sampling_params import SamplingParams
 from pagedserve.scheduler import Scheduler, SchedulerConfig
 from pagedserve.tokenizer import OutputText, encode_prompt
+
+
+class StepError(RuntimeError):
+    """An engine step raised. The requests it was computing (request_ids, the users' ids) were
+    aborted and their partial work discarded; every other request is untouched."""
+
+    def __init__(self, request_ids: list[str], cause: Exception) -> None:
+        super().__init__(f"{type(cause).__name__}: {cause}")
+        self.request_ids = request_ids
+
+
+def _sample_id(request_id: str, index: int) -> str:
+    """The engine-internal id of sample `index` of a request. Injective (the index is the text after
+    the last '#', and holds none), so no user id can name another request's sample."""
+    return f"{request_id}#{index}"
 
 
 @dataclass(eq=False)
@@ -111,10 +131,11 @@ class LLMEngine:
         vocab = self.model_config.vocab_size
         if any(not 0 <= t < vocab for t in token_ids):
             raise ValueError(f"prompt token ids must be in [0, {vocab})")
+        if any(not 0 <= t < vocab for t in params.stop_token_ids):
+            raise ValueError(f"stop_token_ids must be in [0, {vocab}), got {params.stop_token_ids}")
         samples = []
         for i in range(params.n):
-            rid = request_id if i == 0 else f"{request_id}#{i}"
-            seq = Request(rid, token_ids, params, cache_salt=cache_salt, sample_index=i,
+            seq = Request(_sample_id(request_id, i), token_ids, params, cache_salt=cache_salt, sample_index=i,
                           parent_id=None if i == 0 else request_id)
             gen = None
             if params.seed is not None:
@@ -159,28 +180,47 @@ class LLMEngine:
 
     # ---- one step -------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        """Schedule, run the model, sample; returns the new tokens and text of each request that moved."""
+        """Schedule, run the model, sample; returns the new tokens and text of each request that moved.
+
+        Raises StepError if the step failed (its requests are aborted, the engine stays usable);
+        a KeyboardInterrupt or other BaseException aborts them too and propagates as it is.
+        """
         sched = self.scheduler.schedule()
         if sched.is_empty:
             return []
         self.num_steps += 1
+        # Every group of the step fails with it, even one that finished in it: its output is never returned.
+        groups = list(dict.fromkeys(self._seq_owner[s.request_id][0].request_id for s in sched.sequences))
+        try:
+            return self._run_step(sched)
+        except BaseException as e:
+            self.scheduler.abort_step()
+            self.abort_request(groups)
+            if isinstance(e, Exception):
+                raise StepError(groups, e) from e
+            raise
+
+    def _run_step(self, sched: SchedulerOutput) -> list[RequestOutput]:
         logits = self.runner.execute(sched)
+        # One row per sampled sequence; a group sampling its first token also gives its other samples
+        # a row each, on the same logits (they fork from the first once the step is committed).
         rows: list[tuple[_Group, _Sample]] = []
         row_index: list[int] = []
         for j, seq in enumerate(s for s in sched.sequences if s.sample):
             group, first = self._seq_owner[seq.request_id]
-            rows.append((group, first))
-            row_index.append(j)
-            if not group.forked:  # the prompt is done: the other samples share its blocks from here
-                group.forked = True
-                for child in group.samples[1:]:
-                    self.scheduler.add_forked(first.seq, child.seq)
-                    rows.append((group, child))
-                    row_index.append(j)
+            samples = group.samples if not group.forked else [first]
+            rows += [(group, s) for s in samples]
+            row_index += [j] * len(samples)
         if len(row_index) != logits.shape[0]:
             logits = logits[torch.tensor(row_index)]
         with torch.inference_mode():  # the logits are inference tensors: the sampler edits them in place
             result = sample(logits, self._sampling_batch(rows, logits.device))
+        self.scheduler.commit_step()
+        for group, s in rows:
+            if not group.forked:  # the prompt is done: the other samples share its blocks from here
+                group.forked = True
+                for child in group.samples[1:]:
+                    self.scheduler.add_forked(s.seq, child.seq)
         now = time.monotonic()
         moved: dict[str, _Group] = {}
         for r, (group, s) in enumerate(rows):
@@ -200,13 +240,7 @@ class LLMEngine:
         return [self._make_output(g) for g in moved.values()]
 
     def _sampling_batch(self, rows: list[tuple[_Group, _Sample]], device: torch.device) -> SamplingBatch:
-        banned = []
-        for g, s in rows:
-            p = g.params
-            ban = []
-            if s.seq.num_output_tokens < p.min_tokens:
-                ban = sorted(self.eos_token_ids | set(p.stop_token_ids))
-            banned.append(ban)
+        banned = [min_tokens_banned_ids(g.params, s.seq.num_output_tokens, self.eos_token_ids) for g, s in rows]
         return SamplingBatch.build(
             [g.params for g, _ in rows], [s.seq.output_token_ids for _, s in rows],
             [g.prompt_token_ids for g, _ in rows], [s.generator for _, s in rows],

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Collection, Sequence
 
 import torch
 
@@ -33,14 +33,14 @@ from pagedserve.sampling_params import SamplingParams
 TOP_P_CANDIDATES = (256, 4096)
 
 
-def min_tokens_banned_ids(params: SamplingParams, num_output_tokens: int, eos_token_id: int | None) -> list[int]:
+def min_tokens_banned_ids(params: SamplingParams, num_output_tokens: int, eos_token_ids: Collection[int]) -> list[int]:
     """Token ids a row may not sample yet: EOS (unless ignore_eos) and stop_token_ids until min_tokens are out."""
     if num_output_tokens >= params.min_tokens:
         return []
-    banned = list(params.stop_token_ids)
-    if eos_token_id is not None and not params.ignore_eos:
-        banned.append(eos_token_id)
-    return banned
+    banned = set(params.stop_token_ids)
+    if not params.ignore_eos:
+        banned.update(eos_token_ids)
+    return sorted(banned)
 
 
 def _index(rows: list[int], device) -> torch.Tensor:
@@ -49,11 +49,16 @@ def _index(rows: list[int], device) -> torch.Tensor:
 
 def _flat_positions(rows: Sequence[int], token_lists: Sequence[Sequence[int]], vocab_size: int,
                     device) -> torch.Tensor:
-    """Positions row * V + token in flattened [S, V] logits, one per listed token (token_lists[j] is row rows[j])."""
+    """Positions row * V + token in flattened [S, V] logits, one per listed token (token_lists[j] is row rows[j]).
+
+    A token outside [0, V) names no logit of its row (row * V + token would land in another row): it is
+    dropped here, so no request's ids can reach a neighbour's logits whatever got past validation.
+    """
     lengths = torch.tensor([len(t) for t in token_lists], dtype=torch.int64, device=device)
     tokens = torch.tensor(list(itertools.chain.from_iterable(token_lists)), dtype=torch.int64, device=device)
     row_of = torch.repeat_interleave(torch.tensor(list(rows), dtype=torch.int64, device=device), lengths)
-    return row_of * vocab_size + tokens
+    inside = (tokens >= 0) & (tokens < vocab_size)
+    return (row_of * vocab_size + tokens)[inside]
 
 
 @dataclass
@@ -296,7 +301,8 @@ def sample(logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
     """logits: [S, V] float32 last-position logits, one row per sequence of `batch` (consumed: modified in
     place). Returns one token per row and, when any row asked, its logprobs (see the module docstring)."""
     S, V = logits.shape
-    assert (S, V) == (batch.num_rows, batch.vocab_size), f"logits {(S, V)}, batch {(batch.num_rows, batch.vocab_size)}"
+    if (S, V) != (batch.num_rows, batch.vocab_size):
+        raise ValueError(f"logits {(S, V)}, batch {(batch.num_rows, batch.vocab_size)}")
     logits = apply_penalties(logits.contiguous(), batch)
     tokens = torch.empty(S, dtype=torch.int64, device=logits.device)
     lp = None

@@ -1,7 +1,13 @@
 """SamplingParams: how one request's tokens are chosen and when it stops (vLLM's names)."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
+
+# Stop strings are matched against every new piece of text on the engine thread, where all requests wait on
+# it: their number and length are bounded so one request cannot slow its neighbours.
+MAX_STOP_STRINGS = 64
+MAX_STOP_STRING_LEN = 256
 
 
 @dataclass
@@ -37,6 +43,9 @@ class SamplingParams:
             if not ok:
                 raise ValueError(msg)
 
+        for name in ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty"):
+            value = getattr(self, name)
+            need(isinstance(value, (int, float)) and math.isfinite(value), f"{name} must be a finite number, got {value!r}")
         need(isinstance(self.n, int) and self.n >= 1, f"n must be an integer >= 1, got {self.n!r}")
         need(self.temperature >= 0, f"temperature must be >= 0, got {self.temperature}")
         need(0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}")
@@ -53,6 +62,12 @@ class SamplingParams:
         need(self.logprobs is None or (isinstance(self.logprobs, int) and 0 <= self.logprobs <= 20),
              f"logprobs must be an integer in [0, 20], got {self.logprobs!r}")
         need(all(isinstance(s, str) and s for s in self.stop_strings), "stop must be a non-empty string or a list of them")
+        need(len(self.stop_strings) <= MAX_STOP_STRINGS,
+             f"stop holds {len(self.stop_strings)} strings; at most {MAX_STOP_STRINGS} are allowed")
+        need(all(len(s) <= MAX_STOP_STRING_LEN for s in self.stop_strings),
+             f"stop strings must be at most {MAX_STOP_STRING_LEN} characters long")
+        need(all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in self.stop_token_ids),
+             f"stop_token_ids must be non-negative integers, got {self.stop_token_ids!r}")
 
     @property
     def greedy(self) -> bool:

@@ -4,6 +4,11 @@ There is no prefill phase: a request's num_computed_tokens catches up with its t
 count, a chunk at a time. When the pool has no block for a running request, the most
 recently admitted request is preempted by recompute (blocks freed, back to the head of
 the queue); it resumes later, usually from its own blocks still in the prefix cache.
+
+A step is two calls: schedule() allocates and emits the batch; commit_step() runs once the
+model has written the batch's K/V and advances num_computed_tokens, making newly full
+blocks findable in the prefix cache. If the step fails, abort_step() forgets it (the engine
+aborts the requests it was computing), and nothing of it was ever visible to others.
 """
 from __future__ import annotations
 
@@ -31,6 +36,7 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.num_preemptions = 0
+        self._in_flight: list[tuple[Request, int]] = []  # scheduled, not yet committed
 
     # ---- requests in and out ----------------------------------------------------------------
     def check_request(self, request: Request) -> None:
@@ -78,6 +84,8 @@ class Scheduler:
 
     # ---- one step -------------------------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
+        if self._in_flight:
+            raise RuntimeError("the previous step was neither committed nor aborted")
         budget = self.config.max_num_batched_tokens
         scheduled: list[tuple[Request, int]] = []
         preempted: list[str] = []
@@ -105,7 +113,9 @@ class Scheduler:
             hits, num_hit = self.kv_cache.get_computed_blocks(req)
             n = req.num_tokens - num_hit
             if n > budget and not self.config.enable_chunked_prefill:
-                break
+                if scheduled:
+                    break
+                budget = n  # longer than any budget: it runs alone, or it would block the queue forever
             n = min(n, budget)
             if self.kv_cache.allocate_slots(req, n, hits) is None:
                 break
@@ -126,10 +136,21 @@ class Scheduler:
             out.sequences.append(ScheduledSequence(
                 request_id=req.request_id, token_ids=req.all_token_ids[start:start + n], start_pos=start,
                 block_ids=self.kv_cache.get_block_ids(req.request_id), sample=start + n == req.num_tokens))
-            req.num_computed_tokens += n
+        self._in_flight = scheduled
         if scheduled:
             self.kv_cache.record_step()
         return out
+
+    def commit_step(self) -> None:
+        """The last scheduled step has written its K/V: its tokens count as computed from now on."""
+        for req, n in self._in_flight:
+            req.num_computed_tokens += n
+            self.kv_cache.cache_blocks(req)
+        self._in_flight = []
+
+    def abort_step(self) -> None:
+        """The last scheduled step failed: forget it (the caller aborts the requests it was computing)."""
+        self._in_flight = []
 
     def _preempt(self, req: Request) -> None:
         self.kv_cache.free(req)

@@ -92,9 +92,11 @@ class StopChecker:
     """
 
     def __init__(self, stop: Sequence[str], include_stop_str_in_output: bool = False):
-        self.stop = [s for s in stop if s]
+        self.stop = list(dict.fromkeys(s for s in stop if s))
         self.include = include_stop_str_in_output
         self.max_partial = max((len(s) for s in self.stop), default=1) - 1
+        # Every proper prefix of a stop string: a held-back tail is looked up, not compared with each string.
+        self._prefixes = {s[:n] for s in self.stop for n in range(1, len(s))}
         self._held = ""
         self.stopped: str | None = None
 
@@ -106,7 +108,8 @@ class StopChecker:
         text = self._held + delta
         found = None  # (end, start, stop string)
         for s in self.stop:
-            i = text.find(s)
+            # The held text holds no whole stop string: only a match that ends in the new delta is possible.
+            i = text.find(s, max(0, len(self._held) - len(s) + 1))
             if i >= 0 and (found is None or (i + len(s), i) < found[:2]):
                 found = (i + len(s), i, s)
         if found is not None:
@@ -120,8 +123,7 @@ class StopChecker:
     def _partial_stop_len(self, text: str) -> int:
         """Length of the longest tail of text that is a proper prefix of a stop string."""
         for n in range(min(self.max_partial, len(text)), 0, -1):
-            tail = text[-n:]
-            if any(s.startswith(tail) for s in self.stop):
+            if text[-n:] in self._prefixes:
                 return n
         return 0
 

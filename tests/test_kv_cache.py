@@ -1,7 +1,7 @@
 """The block pool and KV cache manager: exact block ids, ref counts and free-queue order."""
 import pytest
 
-from pagedserve.kv_cache import BlockPool, FreeBlockQueue, KVCacheBlock, KVCacheManager, hash_block
+from pagedserve.kv_cache import BlockPool, FreeBlockQueue, InvariantError, KVCacheBlock, KVCacheManager, hash_block
 from pagedserve.request import Request
 from pagedserve.sampling_params import SamplingParams
 
@@ -16,8 +16,9 @@ def admit(m, r):
     """What the scheduler does for a waiting request: prefix lookup, then allocate the rest."""
     hits, n = m.get_computed_blocks(r)
     ids = m.allocate_slots(r, r.num_tokens - n, hits)
-    if ids is not None:
+    if ids is not None:  # the step ran: its K/V are written, its full blocks become findable
         r.num_computed_tokens = r.num_tokens
+        m.cache_blocks(r)
     return ids, n
 
 
@@ -26,6 +27,7 @@ def decode(m, r, token):
     ids = m.allocate_slots(r, 1)
     if ids is not None:
         r.num_computed_tokens += 1
+        m.cache_blocks(r)
     return ids
 
 
@@ -133,6 +135,40 @@ def test_full_pool_returns_none_and_changes_nothing():
     m.check_invariants([a])
 
 
+def test_blocks_are_findable_only_after_their_step_completed():
+    m = KVCacheManager(num_blocks=8, block_size=B)
+    a = req("a", range(10))
+    hits, n = m.get_computed_blocks(a)
+    assert m.allocate_slots(a, a.num_tokens - n, hits) == [0, 1, 2]
+    # Allocated, K/V not written yet: a request with the same prefix must not find them.
+    b = req("b", range(10))
+    assert m.get_computed_blocks(b) == ([], 0)
+    assert all(blk.block_hash is None for blk in m.pool.blocks)
+    # The step failed: the request is aborted; nothing of it stays findable.
+    m.free(a)
+    assert m.get_computed_blocks(b) == ([], 0) and not m.pool.cached_blocks
+    m.check_invariants()
+    # The same step completing instead makes the two full blocks findable.
+    ids, hit = admit(m, b)
+    assert (ids, hit) == ([3, 4, 5], 0)
+    assert [m.pool.blocks[i].block_hash is not None for i in ids] == [True, True, False]
+    c = req("c", range(10))
+    assert m.get_computed_blocks(c)[1] == 8
+    m.check_invariants([b])
+
+
+def test_check_invariants_raises_a_real_exception():
+    """Not `assert`, which python -O removes: the server relies on it to decide whether to go on."""
+    import subprocess
+    import sys
+    code = ("from pagedserve.kv_cache import KVCacheManager, InvariantError\n"
+            "m = KVCacheManager(num_blocks=4, block_size=4)\n"
+            "m.pool.blocks[0].ref_cnt = 1\n"
+            "try:\n    m.check_invariants()\nexcept InvariantError as e:\n    print('raised', e)\n")
+    out = subprocess.run([sys.executable, "-O", "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.startswith("raised block 0")
+
+
 def test_fork_shares_and_copies_on_write():
     m = KVCacheManager(num_blocks=8, block_size=B)
     p = req("p", range(6))  # block 0 full, block 1 holds 2 tokens
@@ -205,7 +241,7 @@ def test_invariant_checker_catches_corruption():
     r = req("a", range(6))
     admit(m, r)
     m.pool.blocks[0].ref_cnt += 1
-    with pytest.raises(AssertionError):
+    with pytest.raises(InvariantError):
         m.check_invariants([r])
 
 

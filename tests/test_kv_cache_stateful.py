@@ -36,6 +36,7 @@ class KVCacheMachine(RuleBasedStateMachine):
         for pos in range(r.num_computed_tokens, r.num_computed_tokens + n):
             self.slots[table[pos // self.B] * self.B + pos % self.B] = r.all_token_ids[pos]
         r.num_computed_tokens += n
+        self.m.cache_blocks(r)  # the step completed: its full blocks become findable
 
     def _preempt_newest(self) -> None:
         rid = list(self.running)[-1]
@@ -91,6 +92,23 @@ class KVCacheMachine(RuleBasedStateMachine):
         child.num_computed_tokens = parent.num_computed_tokens
         self.m.fork(parent, child)
         self.running[rid] = child
+
+    @precondition(lambda self: self.waiting)
+    @rule(data=st.data(), written=st.integers(0, 40))
+    def failed_admit(self, data, written):
+        """A step that fails part-way: its slots hold garbage, then its request is aborted.
+        Nobody may find those blocks afterwards (every later read-back would see the garbage)."""
+        rid = data.draw(st.sampled_from(sorted(self.waiting)))
+        r = self.waiting[rid]
+        hits, n = self.m.get_computed_blocks(r)
+        if self.m.allocate_slots(r, r.num_tokens - n, hits) is None:
+            return
+        self.m.take_blocks_to_copy()
+        table = self.m.get_block_ids(rid)
+        for pos in range(n, min(r.num_tokens, n + written)):
+            self.slots[table[pos // self.B] * self.B + pos % self.B] = "garbage"
+        self.m.free(r)
+        r.num_computed_tokens = 0
 
     @precondition(lambda self: self.running)
     @rule(data=st.data())

@@ -173,10 +173,10 @@ def test_banned_tokens_are_never_sampled(logits):
 
 def test_min_tokens_banned_ids():
     p = SamplingParams(min_tokens=3, stop_token_ids=[5, 6])
-    assert sorted(min_tokens_banned_ids(p, 0, eos_token_id=2)) == [2, 5, 6]
-    assert min_tokens_banned_ids(p, 3, eos_token_id=2) == []
+    assert sorted(min_tokens_banned_ids(p, 0, eos_token_ids={2})) == [2, 5, 6]
+    assert min_tokens_banned_ids(p, 3, eos_token_ids={2}) == []
     p = SamplingParams(min_tokens=3, ignore_eos=True)
-    assert min_tokens_banned_ids(p, 1, eos_token_id=2) == []
+    assert min_tokens_banned_ids(p, 1, eos_token_ids={2}) == []
 
 
 def test_logprobs_are_log_softmax_with_ranks(logits):

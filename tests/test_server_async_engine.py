@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from pagedserve.async_engine import AsyncEngine, EngineDeadError, QueueFullError
+from pagedserve.async_engine import AsyncEngine, EngineDeadError, QueueFullError, RequestFailedError
 from pagedserve.engine import LLMEngine
 from pagedserve.llm import LLM, merge_output
 from pagedserve.sampling_params import SamplingParams
@@ -134,21 +134,54 @@ async def _drain(gen):
     return [d async for d in gen]
 
 
-def test_a_failing_step_fails_its_requests_not_the_server(tiny_model_dir, monkeypatch):
-    with started(tiny_model_dir) as engine:
-        real_step = engine.engine.step
+def test_a_failing_step_fails_its_requests_not_the_server(tiny_model_dir):
+    """A fault inside the model fails the request of that step only; a request waiting meanwhile
+    (max_num_seqs=1) gets its solo tokens, and new requests are served."""
+    params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+    want = LLM(model=tiny_model_dir, **OPTIONS).generate(["Bystander"], params, use_tqdm=False)[0]
+    with started(tiny_model_dir, max_num_seqs=1) as engine:
         calls = {"n": 0}
 
-        def flaky_step():
+        def fault(*_):
             calls["n"] += 1
             if calls["n"] == 3:
                 raise RuntimeError("injected failure")
-            return real_step()
 
-        monkeypatch.setattr(engine.engine, "step", flaky_step)
+        engine.engine.runner.model.layers[1].register_forward_pre_hook(fault)
 
         async def main():
-            with pytest.raises(EngineDeadError, match="injected failure"):
+            victim = await engine.add_request("Hello", params, "victim")
+            bystander = await engine.add_request("Bystander", params, "bystander")
+            with pytest.raises(RequestFailedError, match="injected failure"):
+                async for _ in victim:
+                    pass
+            acc = None
+            async for delta in bystander:
+                acc = merge_output(acc, delta)
+            assert acc.outputs[0].token_ids == want.outputs[0].token_ids
+            s = await settle(engine)
+            assert s["kv_blocks_used"] == 0
+            outs = await _drain(engine.generate("Hello", params, "after"))
+            assert outs[-1].finished and engine.is_running
+
+        asyncio.run(main())
+
+
+def test_a_failure_outside_any_step_fails_the_live_requests_and_goes_on(tiny_model_dir, monkeypatch):
+    with started(tiny_model_dir) as engine:
+        real_schedule = engine.engine.scheduler.schedule
+        calls = {"n": 0}
+
+        def flaky_schedule():
+            calls["n"] += 1
+            if calls["n"] == 3:
+                raise RuntimeError("injected failure")
+            return real_schedule()
+
+        monkeypatch.setattr(engine.engine.scheduler, "schedule", flaky_schedule)
+
+        async def main():
+            with pytest.raises(RequestFailedError, match="injected failure"):
                 await _drain(engine.generate("Hello", GREEDY, "victim"))
             s = await settle(engine)
             assert s["kv_blocks_used"] == 0

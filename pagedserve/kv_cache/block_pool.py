@@ -13,6 +13,10 @@ from dataclasses import dataclass, field
 from typing import Iterable, Iterator, Sequence
 
 
+class InvariantError(RuntimeError):
+    """The KV cache's bookkeeping is inconsistent: a bug, never a user error; the engine cannot go on."""
+
+
 def hash_block(parent_hash: bytes | None, token_ids: Sequence[int], extra: str | None = None) -> bytes:
     """The chained hash of one full block: SHA-256 over a canonical, length-prefixed encoding.
 
@@ -140,7 +144,7 @@ class BlockPool:
         for block in blocks_in_eviction_order:
             block.ref_cnt -= 1
             if block.ref_cnt < 0:
-                raise AssertionError(f"block {block.block_id} freed more often than referenced")
+                raise InvariantError(f"block {block.block_id} freed more often than referenced")
             if block.ref_cnt == 0:
                 self.free_queue.append(block)
 

@@ -9,13 +9,16 @@ A request's block table holds block i for token positions [i*B, (i+1)*B). After
 allocate_slots(request, n), the table covers the request's first
 num_computed_tokens + n tokens (more under a reservation policy), and every block
 those n tokens will be written into is owned by this request alone.
+
+A full block becomes findable by other requests (cache_blocks) only once the step that
+wrote its K/V has completed: if that step fails, nothing points at K/V that were never written.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Iterable, Sequence
 
-from pagedserve.kv_cache.block_pool import BlockPool, KVCacheBlock, hash_block
+from pagedserve.kv_cache.block_pool import BlockPool, InvariantError, KVCacheBlock, hash_block
 from pagedserve.request import Request
 
 KV_RESERVATIONS = ("none", "request", "max_model_len")
@@ -130,11 +133,11 @@ class KVCacheManager:
             blocks[i] = fresh
         blocks.extend(taken[:num_fresh])
         for i in written:
-            assert blocks[i].ref_cnt == 1, f"block {blocks[i].block_id} is shared but about to be written"
+            if blocks[i].ref_cnt != 1:
+                raise InvariantError(f"block {blocks[i].block_id} is shared but about to be written")
 
         self.req_num_tokens[rid] = total
         self.req_final_len[rid] = self._final_len(request)
-        self._cache_full_blocks(request, total)
         self.peak_blocks_used = max(self.peak_blocks_used, self.pool.num_used_blocks)
         return [b.block_id for b in taken]
 
@@ -160,11 +163,15 @@ class KVCacheManager:
             # The salt enters the first block only; the chain carries it to every later block.
             hashes.append(hash_block(parent, tokens[i * B:(i + 1) * B], request.cache_salt if i == 0 else None))
 
-    def _cache_full_blocks(self, request: Request, num_tokens: int) -> None:
+    def cache_blocks(self, request: Request) -> None:
+        """Make the request's full, computed blocks findable by others.
+
+        Called once a step has written their K/V (request.num_computed_tokens counts them), never before.
+        """
         if not self.enable_prefix_caching:
             return
         rid, B = request.request_id, self.block_size
-        start, end = self._num_cached_blocks[rid], num_tokens // B
+        start, end = self._num_cached_blocks[rid], request.num_computed_tokens // B
         if end <= start:
             return
         self._update_block_hashes(request)
@@ -262,7 +269,7 @@ class KVCacheManager:
 
     # ---- invariants -------------------------------------------------------------------------
     def check_invariants(self, requests: Iterable[Request] = ()) -> None:
-        """Raise AssertionError if any invariant of DESIGN.md section 4 is broken.
+        """Raise InvariantError if any invariant of DESIGN.md section 4 is broken.
 
         requests: the live requests that own block tables; with them the block contents are
         checked against each request's tokens as well.
@@ -270,40 +277,58 @@ class KVCacheManager:
         pool, B = self.pool, self.block_size
         queue = list(pool.free_queue)
         free_ids = {b.block_id for b in queue}
-        assert len(free_ids) == len(queue) == pool.num_free_blocks, "free queue holds a block twice"
+        _check(len(free_ids) == len(queue) == pool.num_free_blocks,
+               "free queue holds a block twice")
         refs = [0] * pool.num_blocks
         for blocks in self.req_to_blocks.values():
             for b in blocks:
                 refs[b.block_id] += 1
         for b in pool.blocks:
-            assert (b.ref_cnt == 0) == (b.block_id in free_ids), \
-                f"block {b.block_id}: ref_cnt {b.ref_cnt} but {'in' if b.block_id in free_ids else 'not in'} the free queue"
-            assert b.ref_cnt == refs[b.block_id], \
-                f"block {b.block_id}: ref_cnt {b.ref_cnt} but {refs[b.block_id]} block-table entries"
+            _check((b.ref_cnt == 0) == (b.block_id in free_ids),
+                   f"block {b.block_id}: ref_cnt {b.ref_cnt} but {'in' if b.block_id in free_ids else 'not in'} the free queue")
+            _check(b.ref_cnt == refs[b.block_id],
+                   f"block {b.block_id}: ref_cnt {b.ref_cnt} but {refs[b.block_id]} block-table entries")
             if b.block_hash is not None:
-                assert pool.cached_blocks.get(b.block_hash) is b, f"block {b.block_id} has a hash the cache lost"
-                assert b.token_ids is not None and len(b.token_ids) == B, f"cached block {b.block_id} is not full"
+                _check(pool.cached_blocks.get(b.block_hash) is b,
+                       f"block {b.block_id} has a hash the cache lost")
+                _check(b.token_ids is not None and len(b.token_ids) == B,
+                       f"cached block {b.block_id} is not full")
         for h, b in pool.cached_blocks.items():
-            assert b.block_hash == h, f"cache entry points at block {b.block_id} with another hash"
+            _check(b.block_hash == h,
+                   f"cache entry points at block {b.block_id} with another hash")
         if not self.req_to_blocks:
-            assert pool.num_used_blocks == 0, f"{pool.num_used_blocks} blocks used with no request running"
-        assert self.peak_blocks_used >= pool.num_used_blocks
+            _check(pool.num_used_blocks == 0,
+                   f"{pool.num_used_blocks} blocks used with no request running")
+        _check(self.peak_blocks_used >= pool.num_used_blocks,
+               f"peak {self.peak_blocks_used} blocks is below the {pool.num_used_blocks} in use")
         owner_tokens: dict[int, tuple[int, tuple[int, ...]]] = {}
         for r in requests:
             blocks = self.req_to_blocks.get(r.request_id)
             if blocks is None:
                 continue
             n = self.req_num_tokens[r.request_id]
-            assert len(blocks) >= cdiv(n, B), f"request {r.request_id}: {n} tokens in {len(blocks)} blocks"
+            _check(len(blocks) >= cdiv(n, B),
+                   f"request {r.request_id}: {n} tokens in {len(blocks)} blocks")
             for i, b in enumerate(blocks):
                 fill = min(max(n - i * B, 0), B)
                 toks = tuple(r.all_token_ids[i * B:i * B + fill])
+                # Findable only once written: a cached block lies within what a completed step computed.
+                _check(b.block_hash is None or (i + 1) * B <= r.num_computed_tokens,
+                       f"block {b.block_id} is in the prefix cache but request {r.request_id} has computed "
+                       f"only {r.num_computed_tokens} tokens")
                 if b.block_hash is not None and fill == B:
                     parent = r.block_hashes[i - 1] if i else None
-                    assert b.token_ids == toks, f"block {b.block_id}: cached tokens differ from request {r.request_id}'s"
-                    assert hash_block(parent, toks, r.cache_salt if i == 0 else None) == b.block_hash, \
-                        f"block {b.block_id}: hash does not match request {r.request_id}'s chain"
+                    _check(b.token_ids == toks,
+                           f"block {b.block_id}: cached tokens differ from request {r.request_id}'s")
+                    _check(hash_block(parent, toks, r.cache_salt if i == 0 else None) == b.block_hash,
+                           f"block {b.block_id}: hash does not match request {r.request_id}'s chain")
                 # A shared block holds the same tokens for every owner: nobody wrote into it alone.
                 seen = owner_tokens.setdefault(b.block_id, (fill, toks))
-                assert seen == (fill, toks), \
-                    f"shared block {b.block_id} holds different tokens for different owners"
+                _check(seen == (fill, toks),
+                       f"shared block {b.block_id} holds different tokens for different owners")
+
+
+def _check(ok: bool, message: str) -> None:
+    """An invariant check that `python -O` keeps (the server relies on it to decide whether to go on)."""
+    if not ok:
+        raise InvariantError(message)
