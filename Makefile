@@ -1,6 +1,10 @@
-# `make run`: the OpenAI-compatible server on the default model.  `make test`: set-up and the whole suite.
+# `make run [HOST=...] [PORT=...]`: the OpenAI-compatible server on the default model.  `make test`: set-up and the whole suite.
 PY := .venv/bin/python
 STAMP := .venv/.installed
+# Set on make's command line (`make run PORT=9000`); not taken from the environment, where HOST
+# often names the machine rather than an address to listen on.
+HOST := 127.0.0.1
+PORT := 8000
 
 .PHONY: run test install clean
 
@@ -16,7 +20,7 @@ $(STAMP): pyproject.toml requirements-lock.txt
 install: $(STAMP)
 
 run: $(STAMP)
-	.venv/bin/pagedserve serve --host 127.0.0.1 --port 8000
+	.venv/bin/pagedserve serve --host $(HOST) --port $(PORT)
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests

@@ -1,4 +1,4 @@
-"""The command line: `pagedserve serve | generate | chat | bench throughput|serve|report`."""
+"""The command line: `pagedserve serve | generate | chat | bench workload|throughput|serve|report`."""
 from __future__ import annotations
 
 import argparse
@@ -8,8 +8,8 @@ import sys
 from pagedserve.config import DTYPES, KV_RESERVATIONS, EngineConfig
 
 ENGINE_HELP = {
-    "model": "Hugging Face model folder or .gguf file (default: the bundled SmolLM2-135M-Instruct)",
-    "tokenizer": "tokenizer folder, if not the model's own",
+    "model": "Hugging Face model folder or .gguf file",
+    "tokenizer": "tokenizer folder or .gguf file",
     "dtype": f"weights and activations dtype: {' | '.join(DTYPES)} (auto: bfloat16 where the CPU has it natively)",
     "device": "cpu or cuda",
     "block_size": "tokens per KV cache block",
@@ -17,45 +17,96 @@ ENGINE_HELP = {
     "num_kv_blocks": "KV cache size in blocks",
     "max_num_seqs": "most requests running at once",
     "max_num_batched_tokens": "token budget of one step (decode tokens plus prefill chunks)",
-    "max_model_len": "context window in tokens (default: the model's)",
+    "max_model_len": "context window in tokens",
     "enable_prefix_caching": "share KV blocks of identical prompt prefixes between requests",
     "enable_chunked_prefill": "split long prompts into chunks that fit the step's token budget",
     "kv_reservation": f"KV allocation policy: {' | '.join(KV_RESERVATIONS)} (none: paged; the others reserve up front)",
     "seed": "seed for requests that bring none",
-    "num_threads": "torch CPU threads (default: torch's choice)",
+    "num_threads": "torch CPU threads",
+}
+# What an engine option left unset (None) means, for --help.
+ENGINE_UNSET = {
+    "model": "the bundled SmolLM2-135M-Instruct",
+    "tokenizer": "the model's own",
+    "num_kv_blocks": "as many as --kv-cache-memory holds",
+    "max_model_len": "the model's",
+    "num_threads": "torch's choice",
 }
 
 
-def add_engine_args(parser: argparse.ArgumentParser) -> None:
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Every option's help ends with its default, unless the help already says what the default means
+    (`(default: the model's)` reads better than `(default: None)`)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's parser with HelpFormatter. Subcommand parsers are built with the parent's class
+    (add_subparsers' default parser_class), so every subcommand, wherever its options are declared
+    (server.args, bench), shows its defaults too."""
+
+    def __init__(self, *args, formatter_class=HelpFormatter, **kwargs) -> None:
+        super().__init__(*args, formatter_class=formatter_class, **kwargs)
+
+
+def add_engine_args(parser: argparse.ArgumentParser, **defaults) -> None:
+    """One flag per EngineConfig field. defaults: this command's own defaults for some fields
+    (`bench report` runs at a 2048-token window), shown as such in --help."""
     g = parser.add_argument_group("engine options")
     for f in dataclasses.fields(EngineConfig):
         flag = "--" + f.name.replace("_", "-")
+        default = defaults.get(f.name, f.default)
+        text = ENGINE_HELP[f.name] + (f" (default: {ENGINE_UNSET[f.name]})" if default is None else "")
         if f.type in ("bool", bool):
-            g.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=ENGINE_HELP[f.name])
+            g.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=text)
         elif f.name in ("num_kv_blocks", "max_model_len", "num_threads") or f.type in ("int", int):
-            g.add_argument(flag, type=int, default=f.default, help=ENGINE_HELP[f.name])
+            g.add_argument(flag, type=int, default=default, help=text)
         else:
             choices = {"dtype": DTYPES, "kv_reservation": KV_RESERVATIONS}.get(f.name)
-            g.add_argument(flag, default=f.default, choices=choices, help=ENGINE_HELP[f.name])
+            g.add_argument(flag, default=default, choices=choices, help=text)
 
 
 def engine_config(args: argparse.Namespace) -> EngineConfig:
     return EngineConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(EngineConfig)})
 
 
-def add_sampling_args(parser: argparse.ArgumentParser) -> None:
+def add_sampling_args(parser: argparse.ArgumentParser, max_tokens: int = 128, from_model: bool = False) -> None:
+    """Sampling flags. from_model: temperature, top-p and top-k default to None, meaning the model's
+    generation config (then the chat's own defaults), resolved once the model is loaded."""
+    from pagedserve.chat import FALLBACK_SAMPLING
     g = parser.add_argument_group("sampling")
-    g.add_argument("--max-tokens", type=int, default=128, help="most tokens to generate")
-    g.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
-    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass")
-    g.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0: all)")
-    g.add_argument("--sampling-seed", type=int, default=None, help="per-request sampling seed (--seed seeds the engine)")
+    g.add_argument("--max-tokens", type=int, default=max_tokens, help="most tokens to generate")
+    if from_model:
+        model = "(default: the model's generation config if it has one, else {})"
+        g.add_argument("--temperature", type=float, default=None,
+                       help="0 is greedy " + model.format(FALLBACK_SAMPLING["temperature"]))
+        g.add_argument("--top-p", type=float, default=None,
+                       help="nucleus sampling mass " + model.format(FALLBACK_SAMPLING["top_p"]))
+        g.add_argument("--top-k", type=int, default=None,
+                       help="sample among the k most likely tokens, 0: all " + model.format(0))
+    else:
+        g.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
+        g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass")
+        g.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0: all)")
+    g.add_argument("--sampling-seed", type=int, default=None,
+                   help="per-request sampling seed (default: none, draws from the engine's generator, which "
+                        "--seed seeds)")
+
+
+def sampling_overrides(args: argparse.Namespace) -> dict:
+    """The SamplingParams fields the sampling flags set (a flag left at None sets nothing)."""
+    given = {"max_tokens": args.max_tokens, "temperature": args.temperature, "top_p": args.top_p,
+             "top_k": args.top_k, "seed": args.sampling_seed}
+    return {k: v for k, v in given.items() if v is not None}
 
 
 def sampling_params(args: argparse.Namespace):
     from pagedserve.sampling_params import SamplingParams
-    return SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
-                          top_k=args.top_k, seed=args.sampling_seed)
+    return SamplingParams(**sampling_overrides(args))
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -73,7 +124,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def cmd_chat(args: argparse.Namespace) -> int:
     from pagedserve.chat import interactive_chat
-    return interactive_chat(engine_config(args), sampling_params(args), system=args.system)
+    return interactive_chat(engine_config(args), sampling_overrides(args), system=args.system)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -82,7 +133,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="pagedserve", description="LLM inference and serving with a paged KV cache")
+    parser = ArgumentParser(prog="pagedserve", description="LLM inference and serving with a paged KV cache")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("generate", help="generate completions for prompts and print them")
@@ -94,9 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("chat", help="interactive terminal chat that streams tokens")
-    p.add_argument("--system", default=None, help="system prompt")
-    add_sampling_args(p)
-    p.set_defaults(max_tokens=512)
+    p.add_argument("--system", default=None, help="system prompt (default: none)")
+    add_sampling_args(p, max_tokens=512, from_model=True)
     add_engine_args(p)
     p.set_defaults(func=cmd_chat)
 
@@ -106,7 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_engine_args(p)
     p.set_defaults(func=cmd_serve)
 
-    p = sub.add_parser("bench", help="benchmarks: throughput, serve, report")
+    p = sub.add_parser("bench", help="benchmarks: workload, throughput, serve, report")
     bench = p.add_subparsers(dest="bench_command", required=True)
     from pagedserve.bench import cli as bench_cli
     bench_cli.add_subcommands(bench, add_engine_args)

@@ -3,6 +3,8 @@ model through the CLI, and `bench serve` against a stub OpenAI-compatible SSE se
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import io
 import itertools
 import json
 import math
@@ -11,17 +13,29 @@ import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
 import pytest
 
 from pagedserve.bench.flops import ModelShape, request_flops
 from pagedserve.bench.metrics import RequestResult, serving_metrics, summarize
 from pagedserve.bench.serve import arrival_times, run_serve_benchmark
-from pagedserve.bench.workload import WorkloadItem, load_workload, workload_summary
+from pagedserve.bench.workload import WorkloadItem, load_workload, workload_summary, write_workload
 from pagedserve.cli import main
 
-WORKLOAD_PY = Path(__file__).resolve().parents[2] / "shared" / "bench" / "workload.py"
+# sha256 of the original stand-alone workload script's stdout (`python workload.py KIND --n N --seed S`),
+# which every benchmark figure in docs/ was measured on: the vendored generator must write the same bytes.
+ORIGINAL_WORKLOAD_SHA256 = {
+    ("chat", 5, 0): "977c553bc741481f37f043b5ab1bea4f7105fe788f6df43ee564144ebfe24ac7",
+    ("shared", 12, 3): "16849f1fac585bfca68004547b9c712e31814ed8765bd35e1963091c10fe4905",
+    ("chat", 128, 0): "ec0869df502375fce2202a09a226ac1ce439f90c448a62f64396e22ee046839a",    # the defaults
+    ("shared", 128, 0): "0fe9eb90fe9dc503a28b39cf1609ceb5c1dfbb6318ef7a7c62cfe1d38716c1fa",
+}
+
+
+def _workload_text(kind: str, n: int, seed: int) -> str:
+    buf = io.StringIO()
+    write_workload(kind, buf, n=n, seed=seed)
+    return buf.getvalue()
 
 
 def _write_jsonl(path, rows):
@@ -30,9 +44,22 @@ def _write_jsonl(path, rows):
 
 
 # ---- workload ------------------------------------------------------------------------------
-def test_load_workload_reads_the_shared_generator_output(tmp_path):
-    out = subprocess.run([sys.executable, str(WORKLOAD_PY), "shared", "--n", "12", "--seed", "3"],
-                         check=True, capture_output=True, text=True).stdout
+@pytest.mark.parametrize("kind,n,seed", list(ORIGINAL_WORKLOAD_SHA256))
+def test_vendored_workload_generator_writes_the_original_bytes(kind, n, seed):
+    digest = hashlib.sha256(_workload_text(kind, n, seed).encode()).hexdigest()
+    assert digest == ORIGINAL_WORKLOAD_SHA256[(kind, n, seed)]
+
+
+def test_bench_workload_command_writes_the_same_bytes_on_stdout():
+    out = subprocess.run([sys.executable, "-m", "pagedserve.cli", "bench", "workload", "shared", "--n", "12",
+                          "--seed", "3"], check=True, capture_output=True).stdout
+    assert hashlib.sha256(out).hexdigest() == ORIGINAL_WORKLOAD_SHA256[("shared", 12, 3)]
+    with pytest.raises(SystemExit):
+        main(["bench", "workload", "other"])
+
+
+def test_load_workload_reads_the_generator_output(tmp_path):
+    out = _workload_text("shared", 12, 3)
     lines = [json.loads(x) for x in out.splitlines()]
     path = tmp_path / "shared.jsonl"
     path.write_text(out)

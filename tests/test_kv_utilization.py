@@ -1,19 +1,12 @@
 """KV slot utilisation over the chat workload: paged allocation against whole-window reservation."""
-import importlib.util
-from pathlib import Path
-
+from pagedserve.bench import workload
 from pagedserve.kv_cache import KVCacheManager
 from pagedserve.request import Request
 from pagedserve.sampling_params import SamplingParams
 
-WORKLOAD = Path(__file__).resolve().parents[2] / "shared" / "bench" / "workload.py"
-
 
 def load_workload(kind="chat", **kw):
-    spec = importlib.util.spec_from_file_location("workload", WORKLOAD)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return list(getattr(mod, kind)(**kw))
+    return list(workload.generate(kind, **kw))
 
 
 def simulate(policy, items, block_size=16, max_model_len=2048, max_running=32):

@@ -4,20 +4,21 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
 import sys
 from pathlib import Path
+from unittest import mock
 
 import pytest
 
-from pagedserve.bench.report import FULL, QUICK, plan_from_args
-from pagedserve.bench.report_runs import (
+from benchmarks.report import FULL, QUICK, plan_from_args
+from benchmarks.report_runs import (
     generator_kwargs,
     largest_static_batch,
-    load_generator,
     static_batch_cache_tokens,
     workload_items,
 )
-from pagedserve.bench.report_server import (
+from benchmarks.report_server import (
     engine_flags,
     rates_from_capacity,
     sustainable_rate,
@@ -26,7 +27,7 @@ from pagedserve.bench.workload import WorkloadItem
 from pagedserve.cli import build_parser, engine_config, main
 from pagedserve.config import EngineConfig
 
-WORKLOAD_PY = str(Path(__file__).resolve().parents[2] / "shared" / "bench" / "workload.py")
+REPO = Path(__file__).resolve().parents[1]
 BUDGETS = (16, 64)  # blocks of 16 tokens; the tiny model's 256-token window is 16 blocks
 PNGS = ("memory.png", "budgets.png", "prefix.png", "sampling.png", "latency.png", "recompute.png")
 
@@ -35,7 +36,10 @@ PNGS = ("memory.png", "budgets.png", "prefix.png", "sampling.png", "latency.png"
 def report(tiny_model_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("report")
     argv = ["bench", "report", "--model", tiny_model_dir, "--dtype", "float32", "--num-threads", "1",
-            "--out", str(out), "--workload-script", WORKLOAD_PY, "--workload-scale", "0.1", "--quiet",
+            "--out", str(out), "--workload-scale", "0.1", "--quiet",
+            # a step budget of 64 tokens admits the requests over several steps, as a stream of arrivals would:
+            # a prefix computed in one step is shared from the next on (never within the step computing it)
+            "--max-num-batched-tokens", "64",
             "--chat-requests", "8", "--budgets", ",".join(map(str, BUDGETS)), "--hf-budgets", "64",
             "--shared-requests", "8", "--sampling-prompts", "2", "--sampling-ns", "2,4",
             "--serve-requests", "5", "--rate-multipliers", "0.5,4", "--recompute-lengths", "16,64"]
@@ -92,7 +96,7 @@ def test_report_memory_and_budget_numbers_are_consistent(report):
     assert f"{100 * top['none']['slot_shares']['token_states']:.1f}%" in readme
 
     hf, = results["sections"]["budgets"]["hf"]
-    chat = workload_items(load_generator(WORKLOAD_PY), "chat", 8, 0, 0.1, 320)
+    chat = workload_items("chat", 8, 0, 0.1, 320)
     assert hf["batch_size"] == largest_static_batch(chat, 64 * 16) >= 1
     assert hf["cache_tokens_needed"] <= 64 * 16 and hf["output_tokens"] == top["none"]["output_tokens"]
 
@@ -159,11 +163,10 @@ def test_engine_flags_reproduce_the_config_through_the_cli_parser():
 
 
 def test_workload_items_scale_and_fold_into_a_small_vocabulary():
-    gen = load_generator(WORKLOAD_PY)
-    assert generator_kwargs(gen, "chat", 1.0) == {}
-    assert generator_kwargs(gen, "shared", 0.5) == {"system_len": 128, "output_median": 48}
-    raw = workload_items(gen, "shared", 6, seed=1)
-    folded = workload_items(gen, "shared", 6, seed=1, vocab_size=320)
+    assert generator_kwargs("chat", 1.0) == {}
+    assert generator_kwargs("shared", 0.5) == {"system_len": 128, "output_median": 48}
+    raw = workload_items("shared", 6, seed=1)
+    folded = workload_items("shared", 6, seed=1, vocab_size=320)
     assert [it.max_tokens for it in folded] == [it.max_tokens for it in raw]
     for a, b in zip(raw, folded):
         assert b.prompt_token_ids == [t % 320 for t in a.prompt_token_ids]
@@ -184,6 +187,33 @@ def test_presets_and_overrides(tiny_model_dir, tmp_path, capsys):
     assert parse(["bench", "report"]).max_model_len == 2048
     # a budget below one window is refused before anything runs
     rc = main(["bench", "report", "--budgets", "8,64", "--out", str(tmp_path), "--sections", "1",
-               "--workload-script", WORKLOAD_PY, "--model", tiny_model_dir, "--max-model-len", "256"])
+               "--model", tiny_model_dir, "--max-model-len", "256"])
     assert rc == 2 and "[8] hold less than one 256-token window" in capsys.readouterr().err
     assert not (tmp_path / "results.json").exists()
+
+
+# ---- where the report lives ----------------------------------------------------------------
+def test_the_installed_package_holds_no_report_or_timing_scripts():
+    from setuptools import find_packages
+    assert not list(REPO.glob("pagedserve/**/report*.py"))
+    assert not list(REPO.glob("pagedserve/**/*_timing.py"))
+    # pyproject's packages.find include: the wheel holds pagedserve* only
+    assert not any(p.startswith("benchmarks") for p in find_packages(str(REPO), include=["pagedserve*"]))
+    for name in ("report", "report_runs", "report_server", "report_render", "forward_timing", "decode_timing"):
+        assert (REPO / "benchmarks" / f"{name}.py").is_file()
+
+
+def test_report_without_the_checkout_says_where_it_lives(capsys):
+    from pagedserve.bench import cli as bench_cli
+    with mock.patch.object(bench_cli, "_benchmarks_report", return_value=None):
+        assert main(["bench", "report", "--out", "x", "--quick"]) == 2
+        assert main(["bench", "report", "--help"]) == 2
+    err = capsys.readouterr().err
+    assert "benchmarks/ of a source checkout" in err and "python -m benchmarks.report" in err
+
+
+def test_report_runs_as_a_module_from_the_checkout():
+    r = subprocess.run([sys.executable, "-m", "benchmarks.report", "--help"], cwd=REPO, capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("usage: pagedserve bench report") and "(default: docs/report)" in r.stdout

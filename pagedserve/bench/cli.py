@@ -1,24 +1,30 @@
-"""`pagedserve bench throughput | serve` (and, for issue 6, `report`).
+"""`pagedserve bench workload | throughput | serve | report`.
 
 pagedserve.cli calls add_subcommands(bench_subparsers, add_engine_args); each subcommand
-sets func(args) -> exit code.
+sets func(args) -> exit code. The evidence report is not part of the installed package: it
+lives in the source checkout's benchmarks/ and `report` is wired in from there when present.
 """
 from __future__ import annotations
 
 import argparse
+import importlib
 import math
 import os
+import sys
+from pathlib import Path
 
 from pagedserve.bench.flops import BF16_PEAK_GFLOPS
 from pagedserve.bench.results import fmt, format_table, result_header, save_result
-from pagedserve.bench.workload import load_workload, workload_summary
+from pagedserve.bench.workload import KINDS, load_workload, workload_summary, write_workload
+
+WORKLOAD_HELP = "workload .jsonl from `pagedserve bench workload`"
 
 
 def add_subcommands(sub, add_engine_args) -> None:
+    _add_workload(sub)
     _add_throughput(sub, add_engine_args)
     _add_serve(sub)
-    from pagedserve.bench import report
-    report.add_subcommand(sub, add_engine_args)
+    _add_report(sub, add_engine_args)
 
 
 def _int_list(text: str) -> list[int]:
@@ -31,13 +37,38 @@ def _int_list(text: str) -> list[int]:
     return values
 
 
+# ---- workload -------------------------------------------------------------------------------
+def _add_workload(sub) -> None:
+    p = sub.add_parser("workload", help="write a deterministic benchmark workload as JSON lines on stdout",
+                       description="Write n requests (prompt token ids, exact output lengths) as JSON lines, one "
+                                   '{"id", "prompt_token_ids", "max_tokens", "shared_prefix_len"} object per '
+                                   "line. chat: independent prompts with log-normal lengths; shared: 80% start "
+                                   "with one 256-token system prompt. The same arguments give the same bytes.")
+    p.add_argument("kind", choices=KINDS, help="which workload")
+    p.add_argument("--n", type=int, default=128, help="number of requests")
+    p.add_argument("--seed", type=int, default=0, help="seed of the draw")
+    p.set_defaults(func=cmd_workload)
+
+
+def cmd_workload(args) -> int:
+    if args.n < 0:
+        raise ValueError(f"--n must be >= 0, got {args.n}")
+    try:
+        write_workload(args.kind, sys.stdout, n=args.n, seed=args.seed)
+        sys.stdout.flush()
+    except BrokenPipeError:  # the reader stopped early (`| head`): no traceback, and none at exit either
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    return 0
+
+
 # ---- throughput -----------------------------------------------------------------------------
 def _add_throughput(sub, add_engine_args) -> None:
     p = sub.add_parser("throughput", help="offline throughput of the engine on a workload, against baselines",
                        description="Submit every request of a workload at once and step the engine to the end; "
                                    "optionally compare with transformers' static batching and with the "
                                    "contiguous-cache reservation policy, side by side in one process.")
-    p.add_argument("--workload", required=True, help="workload .jsonl from shared/bench/workload.py")
+    p.add_argument("--workload", required=True, help=WORKLOAD_HELP)
     p.add_argument("--num-requests", type=int, default=None, help="use only the first N requests")
     p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (0: greedy, as the baseline)")
     p.add_argument("--baseline", choices=["hf"], default=None,
@@ -164,7 +195,7 @@ def _add_serve(sub) -> None:
                                    "throughput and TTFT / TPOT / ITL / end-to-end latency as vLLM's bench serve does.")
     p.add_argument("--base-url", required=True, help="server root, e.g. http://127.0.0.1:8000")
     p.add_argument("--endpoint", default="/v1/completions", help="completions path")
-    p.add_argument("--workload", required=True, help="workload .jsonl from shared/bench/workload.py")
+    p.add_argument("--workload", required=True, help=WORKLOAD_HELP)
     p.add_argument("--num-requests", type=int, default=None, help="use only the first N requests")
     p.add_argument("--max-concurrency", type=int, default=None, help="most requests in flight (default: no cap)")
     p.add_argument("--request-rate", type=float, default=math.inf,
@@ -208,3 +239,43 @@ def format_serve(r: dict, percentiles=(50, 90, 99)) -> str:
     for e in r.get("errors", [])[:3]:
         lines.append(f"error: {e}")
     return "\n".join(lines)
+
+
+# ---- report (from the source checkout) -------------------------------------------------------
+def _add_report(sub, add_engine_args) -> None:
+    report = _benchmarks_report()
+    if report is not None:
+        report.add_subcommand(sub, add_engine_args)
+        return
+    # Installed without the checkout: keep the name, so the user learns where the report lives. No
+    # prefix character, so any flags (--help too) are taken as plain arguments and reach the message.
+    p = sub.add_parser("report", help="the evidence report (needs a source checkout: benchmarks/)",
+                       prefix_chars="\0", add_help=False)
+    p.add_argument("args", nargs="*")
+    p.set_defaults(func=_report_unavailable)
+
+
+def _benchmarks_report():
+    """benchmarks.report, importable from a source checkout; None where the package was installed alone.
+
+    benchmarks/ is deliberately not installed (the wheel holds the engine, the server and the load
+    generators). An editable install maps only pagedserve, so the checkout beside this package is
+    put on the path when it has benchmarks/ and nothing else provides it.
+    """
+    try:
+        return importlib.import_module("benchmarks.report")
+    except ModuleNotFoundError as e:
+        if e.name not in ("benchmarks", "benchmarks.report"):
+            raise
+    checkout = Path(__file__).resolve().parents[2]
+    if not (checkout / "benchmarks" / "report.py").is_file():
+        return None
+    sys.path.append(str(checkout))
+    return importlib.import_module("benchmarks.report")
+
+
+def _report_unavailable(args) -> int:
+    print("pagedserve: error: `bench report` lives in benchmarks/ of a source checkout, which is not installed; "
+          "run it from a clone (`pagedserve bench report` or `python -m benchmarks.report` in the repository root)",
+          file=sys.stderr)
+    return 2

@@ -1,15 +1,82 @@
-"""Benchmark workloads: the JSON-lines files written by shared/bench/workload.py.
+"""Benchmark workloads: the deterministic generators and the JSON-lines files they write.
 
-Each line is {"id", "prompt_token_ids", "max_tokens", "shared_prefix_len"}: prompts as
-token ids with exact output lengths (generated with EOS ignored), so every engine,
-ours or a peer, does the same work.
+Every request is given as prompt token ids plus an exact output length (generation ignores
+EOS), so that any engine, ours or a peer, does the same work. Lengths follow a log-normal
+shape like chat traffic (the PagedAttention paper's ShareGPT trace: long, widely spread
+prompts and outputs), scaled down so a 135M-parameter model on two CPU cores finishes in
+about a minute. Token ids are drawn from [1000, 40000): ordinary tokens of a 49k vocabulary,
+no specials, so no tokenizer is needed to make a workload.
+
+    pagedserve bench workload chat   > chat.jsonl     # 128 independent prompts
+    pagedserve bench workload shared > shared.jsonl   # 80% of them share one 256-token system prompt
+    pagedserve bench workload chat --n 32 --seed 1    # a smaller or another draw
+
+Each line is one JSON object (json.dumps' default separators), in request order:
+
+    {"id": str, "prompt_token_ids": [int], "max_tokens": int, "shared_prefix_len": int}
+
+`shared_prefix_len` is how many leading prompt tokens are the shared system prompt (0 for
+chat). The generators are the benchmark suite's original stand-alone workload script, moved
+here unchanged: the same kind, n and seed give byte for byte the same file (a test pins a digest).
 """
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import TextIO
+
+import numpy as np
+
+VOCAB_LO, VOCAB_HI = 1000, 40000  # ordinary tokens of a 49k vocabulary, no specials
+KINDS = ("chat", "shared")
 
 
+# ---- generators ------------------------------------------------------------------------------
+# The draw order below is the file format's contract: reordering any rng call changes every file.
+def _lengths(rng, n, median, sigma, lo, hi):
+    return np.clip(rng.lognormal(np.log(median), sigma, n).astype(int), lo, hi)
+
+
+def chat(n: int = 128, seed: int = 0, prompt_median: int = 160, output_median: int = 128) -> Iterator[dict]:
+    """Independent prompts: log-normal prompt lengths in [8, 1024], outputs in [8, 512]."""
+    rng = np.random.default_rng(seed)
+    p = _lengths(rng, n, prompt_median, 0.8, 8, 1024)
+    o = _lengths(rng, n, output_median, 0.7, 8, 512)
+    for i in range(n):
+        yield {"id": f"chat-{i}",
+               "prompt_token_ids": rng.integers(VOCAB_LO, VOCAB_HI, p[i]).tolist(),
+               "max_tokens": int(o[i]), "shared_prefix_len": 0}
+
+
+def shared(n: int = 128, seed: int = 0, system_len: int = 256, share: float = 0.8,
+           output_median: int = 96) -> Iterator[dict]:
+    """A `share` of the requests start with one system prompt of system_len tokens; short user turns."""
+    rng = np.random.default_rng(seed)
+    system = rng.integers(VOCAB_LO, VOCAB_HI, system_len).tolist()
+    user = _lengths(rng, n, 48, 0.6, 4, 256)
+    o = _lengths(rng, n, output_median, 0.6, 8, 384)
+    for i in range(n):
+        prefix = system if rng.random() < share else []
+        yield {"id": f"shared-{i}",
+               "prompt_token_ids": prefix + rng.integers(VOCAB_LO, VOCAB_HI, user[i]).tolist(),
+               "max_tokens": int(o[i]), "shared_prefix_len": len(prefix)}
+
+
+def generate(kind: str, **kwargs) -> Iterator[dict]:
+    """The `chat` or `shared` generator by name, with its keyword arguments."""
+    if kind not in KINDS:
+        raise ValueError(f"workload kind must be one of {', '.join(KINDS)}, got {kind!r}")
+    return (chat if kind == "chat" else shared)(**kwargs)
+
+
+def write_workload(kind: str, out: TextIO, n: int = 128, seed: int = 0) -> None:
+    """The workload as JSON lines on out, exactly as the original script printed it."""
+    for r in generate(kind, n=n, seed=seed):
+        out.write(json.dumps(r) + "\n")
+
+
+# ---- loading ---------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class WorkloadItem:
     id: str

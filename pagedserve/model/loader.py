@@ -9,12 +9,12 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Iterator
 
 import torch
 
-from pagedserve.model import gguf_file
+from pagedserve.model import generation_defaults, gguf_file
 from pagedserve.model.config import SUPPORTED_ARCHITECTURES, ModelConfig
 from pagedserve.model.llama import LlamaForCausalLM
 
@@ -35,6 +35,8 @@ class LoadedModel:
     device: torch.device
     path: str                # the folder or .gguf file it came from
     name: str                # a display name (the default model's is "SmolLM2-135M-Instruct")
+    # The sampling settings the model ships (temperature/top_p/top_k, only those it gives): model.generation_defaults.
+    generation_defaults: dict = field(default_factory=dict)
 
 
 def default_model_path() -> str:
@@ -90,13 +92,16 @@ def load_model(model: str | None = None, dtype: str | torch.dtype = "auto", devi
         f = gguf_file.open_gguf(path)
         cfg = gguf_file.config_from_gguf(f)
         weights = gguf_file.iter_gguf_weights(f, cfg, run_dtype, device)
+        gen = generation_defaults.from_gguf_metadata(f.metadata)
     else:
         cfg = read_hf_config(path)
         weights = _iter_safetensors(path, run_dtype, device)
+        gen = generation_defaults.from_hf_folder(path)
     net = build_model(cfg, weights, run_dtype, device)
     tok = load_tokenizer(tokenizer or path)
     name = DEFAULT_MODEL_NAME if model is None else os.path.basename(path.rstrip("/"))
-    return LoadedModel(model=net, config=cfg, tokenizer=tok, dtype=run_dtype, device=device, path=path, name=name)
+    return LoadedModel(model=net, config=cfg, tokenizer=tok, dtype=run_dtype, device=device, path=path, name=name,
+                       generation_defaults=gen)
 
 
 def build_model(cfg: ModelConfig, weights: Iterator[tuple[str, torch.Tensor]], dtype: torch.dtype,

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import dataclasses
 import gc
-import importlib.util
 import inspect
 import statistics
 import sys
@@ -15,6 +14,7 @@ import time
 from collections.abc import Callable
 
 from pagedserve.bench.throughput import run_engine
+from pagedserve.bench import workload
 from pagedserve.bench.workload import WorkloadItem, item_from_dict
 from pagedserve.config import EngineConfig
 from pagedserve.kv_cache.manager import SlotUsage, cdiv
@@ -26,32 +26,22 @@ _SCALED = ("prompt_median", "output_median", "system_len")
 
 
 # ---- workloads ------------------------------------------------------------------------------
-def load_generator(path: str):
-    """The shared workload generator module (shared/bench/workload.py), imported by path."""
-    spec = importlib.util.spec_from_file_location("pagedserve_report_workload", path)
-    if spec is None or spec.loader is None:
-        raise FileNotFoundError(f"workload generator not found: {path}")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def generator_kwargs(gen, kind: str, scale: float) -> dict:
-    """The length parameters of gen.<kind>() multiplied by scale ({} at scale 1: the generator's defaults)."""
+def generator_kwargs(kind: str, scale: float) -> dict:
+    """The length parameters of workload.<kind>() multiplied by scale ({} at scale 1: the generator's defaults)."""
     if scale == 1:
         return {}
-    params = inspect.signature(getattr(gen, kind)).parameters
+    params = inspect.signature(getattr(workload, kind)).parameters
     return {k: max(1, round(p.default * scale)) for k, p in params.items() if k in _SCALED}
 
 
-def workload_items(gen, kind: str, n: int, seed: int = 0, scale: float = 1.0,
+def workload_items(kind: str, n: int, seed: int = 0, scale: float = 1.0,
                    vocab_size: int | None = None) -> list[WorkloadItem]:
-    """n requests of the generator's `chat` or `shared` workload as WorkloadItems.
+    """n requests of pagedserve.bench.workload's `chat` or `shared` workload as WorkloadItems.
 
     The generator draws ids from a 49k vocabulary; for a model with a smaller one (a tiny test
     model) every id is folded into it (id mod vocab_size), which keeps equal prefixes equal.
     """
-    items = [item_from_dict(d) for d in getattr(gen, kind)(n=n, seed=seed, **generator_kwargs(gen, kind, scale))]
+    items = [item_from_dict(d) for d in workload.generate(kind, n=n, seed=seed, **generator_kwargs(kind, scale))]
     if vocab_size is None or all(max(it.prompt_token_ids) < vocab_size for it in items):
         return items
     return [dataclasses.replace(it, prompt_token_ids=[t % vocab_size for t in it.prompt_token_ids]) for it in items]

@@ -1,8 +1,8 @@
 """Per-layer-call time of decode attention: the fused CPU kernel against the torch gather + SDPA path.
 
-    python -m pagedserve.attention.decode_timing [--batches 16,64,128] [--contexts 300,100-1000]
+    python -m benchmarks.decode_timing [--batches 16,64,128] [--contexts 300,100-1000]
         [--threads 1,2] [--layers 30] [--repeat 20] [--dtype bfloat16]
-    python -m pagedserve.attention.decode_timing --forward --batches 64 --contexts 300 [--threads 1,2]
+    python -m benchmarks.decode_timing --forward --batches 64 --contexts 300 [--threads 1,2]
 
 Shapes are SmolLM2-135M's (9 query heads, 3 KV heads, head_dim 64, block size 16). A context "a-b"
 draws each sequence's length uniformly from [a, b]; "n" draws from [0.9 n, 1.1 n]. Blocks are
@@ -12,7 +12,7 @@ Kernel and torch calls are interleaved; the table shows the minimum wall time pe
 the repeats (the machine may be shared) and the CPU time per call (the stable number with one thread).
 
 --forward times the whole decode forward of the default model (SmolLM2-135M-Instruct, all layers,
-bfloat16, uniform contexts as in pagedserve.bench.forward_timing) with the kernel on and off
+bfloat16, uniform contexts as in benchmarks.forward_timing) with the kernel on and off
 (PAGEDSERVE_ATTENTION_KERNEL=torch), interleaved, minimum over the repeats.
 """
 from __future__ import annotations
@@ -76,7 +76,7 @@ def time_case(q, caches, tables, seq_lens, lens, repeat: int) -> dict[str, float
 
 def forward_ab(lm, batch: int, context: int, repeat: int) -> dict[str, float]:
     """Minimum wall and CPU seconds of a loaded model's decode forward, kernel on and off, interleaved."""
-    from pagedserve.bench.forward_timing import _batch
+    from benchmarks.forward_timing import _batch
 
     m = lm.model
     kv, meta, ids, pos, _ = _batch(lm.config, lm.dtype, batch, context, 1)

@@ -7,7 +7,7 @@ import matplotlib.ticker
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
-from pagedserve.bench.report_claims import (
+from benchmarks.report_claims import (
     PAPER_SAMPLING_SAVING,
     PAPER_SLOT_SHARES,
     by_policy,

@@ -18,7 +18,7 @@ import time
 
 import httpx
 
-from pagedserve.bench.report_runs import Log
+from benchmarks.report_runs import Log
 from pagedserve.bench.serve import run_serve_benchmark
 from pagedserve.bench.workload import WorkloadItem
 from pagedserve.config import EngineConfig

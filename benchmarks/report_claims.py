@@ -185,7 +185,7 @@ def sampling_claim(rows: list[dict], workload: dict) -> Claim:
 # ---- 5 ----------------------------------------------------------------------------------------
 def sustainable_rates(section: dict) -> dict:
     """Per policy: (rate, how) where normalized latency crosses LATENCY_THRESHOLD x the unloaded latency."""
-    from pagedserve.bench.report_server import sustainable_rate
+    from benchmarks.report_server import sustainable_rate
     # the unloaded latency: the best of the policies at the lowest rate
     lowest = min(section["rates"])
     lats = [p["mean_normalized_latency_s_per_token"] for pts in section["policies"].values() for p in pts

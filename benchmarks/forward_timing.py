@@ -1,6 +1,6 @@
 """Load time and single-forward latency of a model (default: SmolLM2-135M-Instruct).
 
-    python -m pagedserve.bench.forward_timing [--model M] [--dtypes float32,bfloat16]
+    python -m benchmarks.forward_timing [--model M] [--dtypes float32,bfloat16]
         [--decode-batches 1,16,64] [--context 256] [--prefill 512] [--threads N] [--repeat 10]
 
 Load: `load_model` timed in a fresh interpreter (after `import torch`), as a server start sees it.

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import os
 
-from pagedserve.bench import report_claims as claims
-from pagedserve.bench.report_claims import Claim, pct
+from benchmarks import report_claims as claims
+from benchmarks.report_claims import Claim, pct
 from pagedserve.bench.results import fmt
 
 FIGURES = {"budgets": "memory.png", "budgets_line": "budgets.png", "prefix": "prefix.png",
@@ -19,7 +19,7 @@ def md_table(headers: list[str], rows: list[list]) -> str:
 
 def render(results: dict, out: str) -> str:
     """Write the plots and README.md for whatever sections results holds; returns the markdown."""
-    from pagedserve.bench import report_plots as plots
+    from benchmarks import report_plots as plots
     os.makedirs(out, exist_ok=True)
     s = results["sections"]
     parts, summary = [], []
@@ -60,7 +60,7 @@ def _header(r: dict) -> str:
     m, e = r["machine"], r["engine"]
     loads = ", ".join(f"{k} {v:.2f}" for k, v in r["loadavg"].items())
     model, dtype = r["model"]["name"], r["model"]["dtype"]
-    wl = "\n".join(f"  - {k}: `{w['call']}` from shared/bench/workload.py: {w['num_requests']} requests, mean prompt "
+    wl = "\n".join(f"  - {k}: `{w['call']}` from pagedserve.bench.workload: {w['num_requests']} requests, mean prompt "
                    f"{w['mean_prompt_len']:.0f} tokens, mean output {w['mean_output_len']:.0f} tokens (exact "
                    f"lengths, EOS ignored)" for k, w in r["workloads"].items())
     return f"""# Evidence report: the PagedAttention claims, measured on this machine
@@ -96,7 +96,7 @@ def _summary(cs: list[Claim]) -> str:
 def _footer(r: dict) -> str:
     p = r["plan"]
     plan = ", ".join(f"{k}={v}" for k, v in p.items())
-    return (f"## How this was measured\n\nPlan (`ReportPlan` in pagedserve/bench/report.py): {plan}.\n\n"
+    return (f"## How this was measured\n\nPlan (`ReportPlan` in benchmarks/report.py): {plan}.\n\n"
             f"Each engine run submits all its requests at once "
             f"(sections 1-4) and steps until the last finishes; timing excludes model loading. Shares of KV slots "
             f"come from the engine's own per-step accounting (`engine.kv_cache.usage_sum`), block counts from its "

@@ -1,9 +1,13 @@
 """`pagedserve bench report`: measure the PagedAttention paper's claims on this machine, write plots and a README.
 
-Every section runs our engine (and its baselines) on the shared workloads from
-shared/bench/workload.py; the numbers go to results.json (saved after each section), the
+Every section runs our engine (and its baselines) on the workloads of
+pagedserve.bench.workload; the numbers go to results.json (saved after each section), the
 plots to PNG files and the summary to README.md in the output folder. `--render-only`
 redraws the plots and README from an existing results.json.
+
+This lives in the source checkout, not in the installed package: run it from a clone as
+`pagedserve bench report ...` (the CLI finds benchmarks/ beside its package) or, the same,
+`python -m benchmarks.report ...` in the repository root.
 """
 from __future__ import annotations
 
@@ -13,14 +17,12 @@ import json
 import os
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from pagedserve.bench.results import machine_info, result_header, save_result
 from pagedserve.bench.workload import workload_summary
 
 POLICIES = ["none", "request", "max_model_len"]
 LATENCY_POLICIES = ["none", "max_model_len"]
-DEFAULT_WORKLOAD_SCRIPT = str(Path(__file__).resolve().parents[2].parent / "shared" / "bench" / "workload.py")
 REPORT_MAX_MODEL_LEN = 2048  # OPT's window, as in the paper; the reservation baseline reserves this much
 
 
@@ -102,14 +104,13 @@ def add_subcommand(sub, add_engine_args) -> None:
     p.add_argument("--out", default="docs/report", help="output folder")
     p.add_argument("--quick", action="store_true", help="a smaller draw: fewer requests, budgets and rates (minutes)")
     p.add_argument("--render-only", action="store_true", help="redraw plots and README from --out/results.json")
-    p.add_argument("--workload-script", default=DEFAULT_WORKLOAD_SCRIPT, help="shared/bench/workload.py")
     p.add_argument("--quiet", action="store_true", help="no progress lines within a run")
     g = p.add_argument_group("plan (each overrides the --quick or full preset)")
     for name, (typ, help_text) in _PLAN_FLAGS.items():
         g.add_argument("--" + name.replace("_", "-"), type=typ, default=None, help=help_text)
     g.add_argument("--workload-seed", type=int, default=0, help="seed of the workload draws")
-    add_engine_args(p)
-    p.set_defaults(func=cmd_report, max_model_len=REPORT_MAX_MODEL_LEN)
+    add_engine_args(p, max_model_len=REPORT_MAX_MODEL_LEN)
+    p.set_defaults(func=cmd_report)
 
 
 def plan_from_args(args) -> ReportPlan:
@@ -139,7 +140,7 @@ def choose_threads(requested: int | None) -> tuple[int, str]:
 
 
 def cmd_report(args) -> int:
-    from pagedserve.bench.report_render import render
+    from benchmarks.report_render import render
     if args.render_only:
         with open(os.path.join(args.out, "results.json")) as f:
             results = json.load(f)
@@ -154,8 +155,8 @@ def cmd_report(args) -> int:
 def run_report(args, plan: ReportPlan) -> dict:
     import torch
 
-    from pagedserve.bench import report_runs as runs
-    from pagedserve.bench.report_server import latency_sweep, rates_from_capacity
+    from benchmarks import report_runs as runs
+    from benchmarks.report_server import latency_sweep, rates_from_capacity
     from pagedserve.cli import engine_config
 
     start = time.perf_counter()
@@ -164,19 +165,18 @@ def run_report(args, plan: ReportPlan) -> dict:
     torch.set_num_threads(threads)  # the transformers baseline runs in this process too
     base = engine_config(args).replace(num_threads=threads)
     os.makedirs(args.out, exist_ok=True)
-    gen = runs.load_generator(args.workload_script)
     model = runs.model_facts(base)
     window = min(base.max_model_len or model["context_len"], model["context_len"])
     _check_budgets(plan, window, base.block_size)
 
     def items(kind: str, n: int):
-        return runs.workload_items(gen, kind, n, plan.seed, plan.workload_scale, model["vocab_size"])
+        return runs.workload_items(kind, n, plan.seed, plan.workload_scale, model["vocab_size"])
 
     chat = items("chat", plan.chat_requests)
     results = {**result_header(args), "plan": dataclasses.asdict(plan), "threads": threads,
                "threads_reason": why_threads, "engine": dataclasses.asdict(base), "model": model,
                "max_model_len": window,
-               "workloads": {"chat": {"call": _call(gen, "chat", plan.chat_requests, plan), **workload_summary(chat)}},
+               "workloads": {"chat": {"call": _call("chat", plan.chat_requests, plan), **workload_summary(chat)}},
                "loadavg": {"start": os.getloadavg()[0]}, "sections": {}}
     progress = not args.quiet
     path = os.path.join(args.out, "results.json")
@@ -200,7 +200,7 @@ def run_report(args, plan: ReportPlan) -> dict:
         done("budgets", {"runs": sweep, "hf": hf})
     if 3 in want:
         shared = items("shared", plan.shared_requests)
-        results["workloads"]["shared"] = {"call": _call(gen, "shared", plan.shared_requests, plan),
+        results["workloads"]["shared"] = {"call": _call("shared", plan.shared_requests, plan),
                                           "shared_prefix_len": max(it.shared_prefix_len for it in shared),
                                           **workload_summary(shared)}
         log(f"section 3: {len(shared)} shared-prefix requests, prefix caching on and off")
@@ -212,7 +212,7 @@ def run_report(args, plan: ReportPlan) -> dict:
     if 5 in want:
         rates = plan.rates or rates_from_capacity(_capacity(results, plan.serve_budget), plan.rate_multipliers)
         serve_items = items("chat", plan.serve_requests)
-        results["workloads"]["serve"] = {"call": _call(gen, "chat", plan.serve_requests, plan),
+        results["workloads"]["serve"] = {"call": _call("chat", plan.serve_requests, plan),
                                          **workload_summary(serve_items)}
         log(f"section 5: servers at {plan.serve_budget} KV blocks, {len(serve_items)} requests at rates {rates} req/s")
         points = latency_sweep(base.replace(num_kv_blocks=plan.serve_budget), serve_items, rates, LATENCY_POLICIES,
@@ -258,7 +258,23 @@ def _check_budgets(plan: ReportPlan, window: int, block_size: int) -> None:
                          f"{block_size}): max_model_len reservation could never admit a request")
 
 
-def _call(gen, kind: str, n: int, plan: ReportPlan) -> str:
-    from pagedserve.bench.report_runs import generator_kwargs
-    kw = {"n": n, "seed": plan.seed, **generator_kwargs(gen, kind, plan.workload_scale)}
+def _call(kind: str, n: int, plan: ReportPlan) -> str:
+    from benchmarks.report_runs import generator_kwargs
+    kw = {"n": n, "seed": plan.seed, **generator_kwargs(kind, plan.workload_scale)}
     return f"workload.{kind}({', '.join(f'{k}={v}' for k, v in kw.items())})"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m benchmarks.report ...`: the same as `pagedserve bench report ...`."""
+    import sys
+
+    from pagedserve.cli import main as cli_main
+    if argv is None:
+        argv = sys.argv[1:]
+        # results.json records sys.argv as the command: record the equivalent pagedserve command line.
+        sys.argv = ["pagedserve", "bench", "report", *argv]
+    return cli_main(["bench", "report", *argv])
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
