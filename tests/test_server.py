@@ -14,7 +14,6 @@ import time
 import httpx
 import openai
 import pytest
-import uvicorn
 
 from conftest import build_tiny_hf_model
 from pagedserve.async_engine import AsyncEngine
@@ -22,6 +21,7 @@ from pagedserve.engine import LLMEngine
 from pagedserve.server.app import build_app
 from pagedserve.server.args import ServerConfig
 from pagedserve.server.auth import load_identities
+from pagedserve.server.lifecycle import build_server
 
 # float32: bfloat16 (auto on CPUs that have it) lets batch composition flip near-tied greedy picks
 ENGINE = dict(num_kv_blocks=320, block_size=8, max_num_seqs=64, max_num_batched_tokens=512, dtype="float32")
@@ -29,14 +29,14 @@ GREEDY = dict(temperature=0.0, extra_body={"ignore_eos": True})
 
 
 @contextlib.contextmanager
-def running_server(model_dir: str, config: ServerConfig | None = None, **engine_options):
-    """A uvicorn server in a thread on a free port; yields (base_url, AsyncEngine)."""
-    engine = AsyncEngine(LLMEngine(model=model_dir, **{**ENGINE, **engine_options}),
-                         max_waiting=(config or ServerConfig()).max_waiting)
-    app = build_app(engine, config)
+def running_server(model_dir: str, config: ServerConfig | None = None, tokenizer=None, **engine_options):
+    """The server `pagedserve serve` runs (build_server), in a thread on a free port; yields (base_url, AsyncEngine)."""
+    config = config or ServerConfig()
+    engine = AsyncEngine(LLMEngine(model=model_dir, **{**ENGINE, **engine_options}), max_waiting=config.max_waiting)
+    app = build_app(engine, config, tokenizer)
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=2))
+    server = build_server(app, config, log_level="warning")
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30
@@ -427,7 +427,7 @@ def test_identity_isolation_and_audit(model_dir, tmp_path):
     assert "sk-alice-secret" not in text and "sk-bob-secret" not in text
     records = [json.loads(line) for line in text.splitlines()]
     fields = {"time", "identity", "request_id", "endpoint", "model", "prompt_tokens", "completion_tokens",
-              "cached_tokens", "finish_reason", "status_code", "latency_s"}
+              "cached_tokens", "finish_reason", "status_code", "error", "latency_s"}
     assert all(set(r) == fields for r in records)
     done = [r for r in records if r["endpoint"] == "/v1/completions" and r["status_code"] == 200]
     assert [r["identity"] for r in done] == ["alice", "alice", "bob", "bob"]
@@ -435,7 +435,8 @@ def test_identity_isolation_and_audit(model_dir, tmp_path):
     assert all(r["completion_tokens"] == 2 and r["finish_reason"] == "length" and r["request_id"] for r in done)
     assert len({r["request_id"] for r in done}) == 4
     denied = [r for r in records if r["status_code"] == 401]
-    assert len(denied) == 5 and all(r["identity"] is None for r in denied)
+    assert len(denied) == 5 and all(r["identity"] is None and r["error"] == "invalid_api_key" for r in denied)
+    assert all(r["error"] is None for r in done)
     assert not any(r["endpoint"] == "/health" for r in records)
 
 

@@ -28,7 +28,7 @@ def hash_block(parent_hash: bytes | None, token_ids: Sequence[int], extra: str |
     """
     h = hashlib.sha256()
     h.update(b"P" + (parent_hash or b""))
-    salt = (extra or "").encode()
+    salt = (extra or "").encode("utf-8", "surrogatepass")  # any str, even a lone surrogate, has one encoding
     h.update(struct.pack("<Q", len(salt)) + salt)
     h.update(struct.pack(f"<Q{len(token_ids)}q", len(token_ids), *token_ids))
     return h.digest()

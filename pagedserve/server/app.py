@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import copy
 import logging
@@ -9,16 +10,17 @@ import shlex
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import pagedserve
 from pagedserve.async_engine import AsyncEngine
 from pagedserve.config import EngineConfig
 from pagedserve.server.args import ServerConfig, server_config
-from pagedserve.server.audit import AuditLog, AuditMiddleware
-from pagedserve.server.auth import AuthMiddleware
+from pagedserve.server.audit import AccessLogMiddleware, AuditLog, AuditMiddleware
+from pagedserve.server.auth import AuthMiddleware, keys_file_warning
 from pagedserve.server.body_limit import BodyLimitMiddleware
+from pagedserve.server.lifecycle import AdmissionMiddleware, Lifecycle, build_server
 from pagedserve.server.metrics import ServerMetrics
 from pagedserve.server.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
                                         OpenAIError, TokenizeRequest)
@@ -57,8 +59,15 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     if not where:
         return f"the request body is invalid: {msg}", None
     return f"{where}: {msg}", where
-def _error(status: int, message: str, type: str, param: str | None = None, code: str | None = None) -> JSONResponse:
-    return JSONResponse(OpenAIError(status, message, type, param, code).body(), status_code=status)
+
+
+def _error_response(error: OpenAIError) -> Response:
+    """An OpenAI error as ASCII JSON: a client's text echoed in it (a lone surrogate) cannot fail to encode."""
+    return Response(error.encode(), status_code=error.status, media_type="application/json")
+
+
+def _error(status: int, message: str, type: str, param: str | None = None, code: str | None = None) -> Response:
+    return _error_response(OpenAIError(status, message, type, param, code))
 
 
 def build_app(engine: AsyncEngine, config: ServerConfig | None = None, tokenizer=None) -> FastAPI:
@@ -68,6 +77,7 @@ def build_app(engine: AsyncEngine, config: ServerConfig | None = None, tokenizer
     metrics = ServerMetrics(engine.stats)
     serving = OpenAIServing(engine, tokenizer, config, metrics)
     audit_log = AuditLog(config.audit_log) if config.audit_log else None
+    lifecycle = Lifecycle()
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -75,19 +85,26 @@ def build_app(engine: AsyncEngine, config: ServerConfig | None = None, tokenizer
         try:
             yield
         finally:
-            engine.shutdown()
-            if audit_log is not None:
+            await asyncio.to_thread(engine.shutdown)  # open streams end with EngineDeadError
+            serving.close()
+            if audit_log is not None:  # after the last request's line
+                await audit_log.wait_written(timeout=5.0)
                 audit_log.close()
 
     app = FastAPI(title="pagedserve", version=pagedserve.__version__, lifespan=lifespan)
     app.state.engine, app.state.serving, app.state.metrics = engine, serving, metrics
-    app.add_middleware(BodyLimitMiddleware, max_bytes=config.max_request_bytes)  # innermost: after the key check
+    app.state.audit_log, app.state.lifecycle = audit_log, lifecycle
+    # innermost first: the body is read only after the key check; the audit sees every refusal
+    app.add_middleware(BodyLimitMiddleware, max_bytes=config.max_request_bytes, read_timeout=config.body_read_timeout)
     app.add_middleware(AuthMiddleware, identities=config.identities)
-    app.add_middleware(AuditMiddleware, log=audit_log)  # outermost: it sees the 401s too
+    app.add_middleware(AdmissionMiddleware, lifecycle=lifecycle)
+    if config.access_log:
+        app.add_middleware(AccessLogMiddleware)
+    app.add_middleware(AuditMiddleware, log=audit_log)
 
     @app.exception_handler(OpenAIError)
     async def openai_error(request: Request, exc: OpenAIError):
-        return JSONResponse(exc.body(), status_code=exc.status)
+        return _error_response(exc)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError):
@@ -105,7 +122,7 @@ def build_app(engine: AsyncEngine, config: ServerConfig | None = None, tokenizer
 
     @app.get("/health")
     async def health():
-        if not engine.is_running:
+        if not engine.is_running:  # (while shutting down, the admission check answers 503 first)
             return _error(503, "the engine is not running", "server_error")
         return {"status": "ok"}
 
@@ -132,11 +149,11 @@ def build_app(engine: AsyncEngine, config: ServerConfig | None = None, tokenizer
 
     @app.post("/tokenize")
     async def tokenize(body: TokenizeRequest):
-        return serving.tokenize(body)
+        return await serving.tokenize(body)
 
     @app.post("/detokenize")
     async def detokenize(body: DetokenizeRequest):
-        return serving.detokenize(body)
+        return await serving.detokenize(body)
 
     return app
 
@@ -158,25 +175,19 @@ def usage_banner(config: ServerConfig, model: str) -> str:
 
 
 def run_server(args: argparse.Namespace, engine_config: EngineConfig) -> int:
-    """`pagedserve serve`: load the engine, then serve until interrupted."""
-    import uvicorn
-
+    """`pagedserve serve`: load the engine, then serve until SIGINT/SIGTERM (see lifecycle.py)."""
     from pagedserve.engine import LLMEngine
 
     config = server_config(args)  # before the model loads: a bad keys file fails at once
     logging.basicConfig(level=config.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    warning = keys_file_warning(args.api_keys_file)
+    if warning:
+        logger.warning(warning)
     engine = AsyncEngine(LLMEngine(engine_config), max_waiting=config.max_waiting)
     app = build_app(engine, config)
     names = config.served_model_names or (engine.model_name,)
-
-    class Server(uvicorn.Server):
-        async def startup(self, sockets=None) -> None:
-            await super().startup(sockets)
-            if self.started:  # listening: now say how to call it
-                print(usage_banner(config, names[0]), flush=True)
-
-    server = Server(uvicorn.Config(app, host=config.host, port=config.port, log_level=config.log_level,
-                                   timeout_graceful_shutdown=5))
+    # listening: now say how to call it
+    server = build_server(app, config, on_started=lambda: print(usage_banner(config, names[0]), flush=True))
     try:
         server.run()
     except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C it shut down for; the shutdown was clean

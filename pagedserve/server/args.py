@@ -2,12 +2,17 @@
 from __future__ import annotations
 
 import argparse
+import math
 from dataclasses import dataclass, field
 
 from pagedserve.server.auth import Identities, load_identities
-from pagedserve.server.body_limit import DEFAULT_MAX_REQUEST_BYTES
+from pagedserve.server.body_limit import DEFAULT_BODY_READ_TIMEOUT, DEFAULT_MAX_REQUEST_BYTES
 
 DEFAULT_MAX_WAITING = 1024
+DEFAULT_HEADER_READ_TIMEOUT = 10.0
+DEFAULT_KEEP_ALIVE_TIMEOUT = 5.0  # uvicorn's
+DEFAULT_MAX_CONNECTIONS = 1024
+DEFAULT_SHUTDOWN_TIMEOUT = 5.0
 
 
 @dataclass(frozen=True)
@@ -21,6 +26,12 @@ class ServerConfig:
     max_request_bytes: int | None = DEFAULT_MAX_REQUEST_BYTES
     served_model_names: tuple[str, ...] = ()  # empty: the engine's model name
     log_level: str = "info"
+    header_read_timeout: float | None = DEFAULT_HEADER_READ_TIMEOUT  # None: no limit
+    body_read_timeout: float | None = DEFAULT_BODY_READ_TIMEOUT
+    keep_alive_timeout: float = DEFAULT_KEEP_ALIVE_TIMEOUT
+    max_connections: int | None = DEFAULT_MAX_CONNECTIONS
+    shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT
+    access_log: bool = False
 
 
 def add_server_args(parser: argparse.ArgumentParser) -> None:
@@ -46,6 +57,24 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
                    help="name clients use for the model (repeatable; default: the model's name)")
     g.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"),
                    help="server log level")
+    g.add_argument("--header-read-timeout", type=float, default=DEFAULT_HEADER_READ_TIMEOUT, metavar="SECONDS",
+                   help="a request's headers must arrive within this time of its first byte (or of the "
+                        "connection opening), else 408 and the connection is closed (0: no limit)")
+    g.add_argument("--body-read-timeout", type=float, default=DEFAULT_BODY_READ_TIMEOUT, metavar="SECONDS",
+                   help="a request's whole body must arrive within this time of its headers, else 408 "
+                        "(0: no limit)")
+    g.add_argument("--keep-alive-timeout", type=float, default=DEFAULT_KEEP_ALIVE_TIMEOUT, metavar="SECONDS",
+                   help="close an idle kept-alive connection after this time")
+    g.add_argument("--max-connections", type=int, default=DEFAULT_MAX_CONNECTIONS,
+                   help="most open connections; a request on one more is refused with 503 (0: no limit)")
+    g.add_argument("--shutdown-timeout", type=float, default=DEFAULT_SHUTDOWN_TIMEOUT, metavar="SECONDS",
+                   help="on SIGINT/SIGTERM, time the running requests get to finish before they are ended "
+                        "with an error (new requests are refused at once)")
+    access = g.add_mutually_exclusive_group()
+    access.add_argument("--enable-uvicorn-access-log", dest="access_log", action="store_true", default=False,
+                        help="log a line per response (method, path without the query string, status)")
+    access.add_argument("--disable-uvicorn-access-log", dest="access_log", action="store_false",
+                        help="no access log (the default)")
 
 
 def server_config(args: argparse.Namespace) -> ServerConfig:
@@ -55,10 +84,17 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
         raise ValueError(f"--max-waiting must be >= 0, got {args.max_waiting}")
     if args.max_request_bytes < 0:
         raise ValueError(f"--max-request-bytes must be >= 0, got {args.max_request_bytes}")
+    for flag in ("header_read_timeout", "body_read_timeout", "keep_alive_timeout", "shutdown_timeout",
+                 "max_connections"):
+        if not 0 <= getattr(args, flag) < math.inf:  # NaN and inf too
+            raise ValueError(f"--{flag.replace('_', '-')} must be a number >= 0, got {getattr(args, flag)}")
     return ServerConfig(
         host=args.host, port=args.port,
         identities=load_identities(args.api_key, args.api_keys_file),
         shared_prefix_cache=args.shared_prefix_cache, audit_log=args.audit_log,
         max_waiting=args.max_waiting or None, max_request_bytes=args.max_request_bytes or None,
         served_model_names=tuple(args.served_model_name or ()),
-        log_level=args.log_level)
+        log_level=args.log_level,
+        header_read_timeout=args.header_read_timeout or None, body_read_timeout=args.body_read_timeout or None,
+        keep_alive_timeout=args.keep_alive_timeout, max_connections=args.max_connections or None,
+        shutdown_timeout=args.shutdown_timeout, access_log=args.access_log)

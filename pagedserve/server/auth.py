@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import hmac
 import json
+import os
+import stat
 from dataclasses import dataclass
 
 from pagedserve.server.protocol import OpenAIError
@@ -54,6 +56,21 @@ def parse_keys_file(text: str, source: str = "keys file") -> list[tuple[str, str
             raise ValueError(f"{source} line {lineno}: expected `name:key`")  # the line may hold a key: not shown
         pairs.append((key, name))
     return pairs
+
+
+def keys_file_warning(path: str | None) -> str | None:
+    """A warning when the keys file can be read by users other than its owner (group or others)."""
+    if not path:
+        return None
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return None
+    who = [name for bit, name in ((stat.S_IRGRP, "its group"), (stat.S_IROTH, "other users")) if mode & bit]
+    if not who:
+        return None
+    return (f"the API keys file {path} is readable by {' and '.join(who)} (mode {stat.S_IMODE(mode):04o}); "
+            f"make it private: chmod 600 {path}")
 
 
 def load_identities(api_keys: list[str] | None = None, api_keys_file: str | None = None) -> Identities:

@@ -1,7 +1,8 @@
 """The OpenAI endpoints' logic: a validated body in, engine streams, a JSON or SSE response out.
 
 Every engine request of an HTTP request is aborted when that HTTP request ends, however it
-ends (finished, client gone, error), so no input can leave blocks behind.
+ends (finished, client gone, error), so no input can leave blocks behind. Text work (tokenizing,
+chat templates, decoding) runs on the TextWorker's thread, never on the event loop.
 """
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ from typing import Callable
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from pagedserve.async_engine import AsyncEngine, EngineDeadError, QueueFullError, RequestStream
+from pagedserve.async_engine import (AsyncEngine, EngineDeadError, QueueFullError, RequestFailedError,
+                                     RequestStream)
 from pagedserve.llm import merge_output
 from pagedserve.outputs import RequestOutput
 from pagedserve.sampling_params import SamplingParams
@@ -23,9 +25,9 @@ from pagedserve.server.audit import CLIENT_CLOSED, finish_reason_of
 from pagedserve.server.auth import ANONYMOUS, cache_salt
 from pagedserve.server.metrics import ServerMetrics
 from pagedserve.server.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
-                                        OpenAIError, TokenizeRequest, bad_request)
+                                        OpenAIError, TokenizeRequest, bad_request, cap, shorten)
 from pagedserve.server.streams import ClientDisconnected, MergedStreams
-from pagedserve.tokenizer import apply_chat_template, encode_prompt
+from pagedserve.server.text import TextWorker
 
 
 @dataclass
@@ -48,6 +50,13 @@ def audit(request: Request, **fields) -> None:
         record.update(fields)
 
 
+def engine_error(e: Exception) -> OpenAIError:
+    """The OpenAI error for an engine failure that ended a request (not the request's fault)."""
+    if isinstance(e, RequestFailedError):  # the step computing it raised; the engine goes on
+        return OpenAIError(500, str(e), "server_error", None, "request_failed")
+    return OpenAIError(503, str(e), "server_error", None, "engine_unavailable")  # EngineDeadError
+
+
 class _SSEResponse(StreamingResponse):
     """A stream that runs on_close however the response ends, even if its body never started."""
 
@@ -66,18 +75,22 @@ class _SSEResponse(StreamingResponse):
 class OpenAIServing:
     def __init__(self, engine: AsyncEngine, tokenizer, config: ServerConfig, metrics: ServerMetrics) -> None:
         self.engine = engine
-        self.tokenizer = tokenizer  # the HTTP side's own copy: tokenizers are not shared across threads
+        # the HTTP side's own tokenizer copy, used on the text worker's thread only
+        self.text = TextWorker(tokenizer, engine.max_model_len)
         self.config = config
         self.metrics = metrics
         self.model_names = config.served_model_names or (engine.model_name,)
-        self.token_text = R.TokenText(tokenizer)
+        self.token_text = R.TokenText(tokenizer)  # decodes: call it on the text worker's thread
+
+    def close(self) -> None:
+        self.text.close()
 
     # ---- plain endpoints ----------------------------------------------------------------------
     def check_model(self, model: str | None) -> str:
         if model is None:
             return self.model_names[0]
         if model not in self.model_names:
-            raise OpenAIError(404, f"the model {model!r} does not exist; this server serves "
+            raise OpenAIError(404, f"the model {shorten(model)} does not exist; this server serves "
                                    f"{', '.join(repr(m) for m in self.model_names)}",
                               "invalid_request_error", "model", "model_not_found")
         return model
@@ -88,36 +101,64 @@ class OpenAIServing:
             {"id": name, "object": "model", "created": created, "owned_by": "pagedserve", "root": name,
              "max_model_len": self.engine.max_model_len} for name in self.model_names]}
 
-    def tokenize(self, body: TokenizeRequest) -> dict:
+    async def tokenize(self, body: TokenizeRequest) -> dict:
         self.check_model(body.model)
         if (body.prompt is None) == (body.messages is None):
             raise bad_request("send exactly one of prompt and messages", "prompt")
         if body.messages is not None:
-            ids = self._chat_tokens([{"role": m.role, "content": m.text()} for m in body.messages],
-                                    body.add_generation_prompt, None)
+            ids = await self._chat_tokens([{"role": m.role, "content": m.text()} for m in body.messages],
+                                          body.add_generation_prompt, None)
         else:
-            ids = list(self.tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens))
+            self._check_length(len(body.prompt), "prompt")
+            ids = await self.text.encode(body.prompt, body.add_special_tokens)
         return {"count": len(ids), "max_model_len": self.engine.max_model_len, "tokens": ids}
 
-    def detokenize(self, body: DetokenizeRequest) -> dict:
+    async def detokenize(self, body: DetokenizeRequest) -> dict:
         self.check_model(body.model)
+        self.check_token_ids(body.tokens, "tokens")
+        return {"prompt": await self.text.decode(body.tokens)}
+
+    def check_token_ids(self, ids: list[int], field: str) -> None:
+        """Every id a client sends must name a token of the vocabulary: 400 naming the field if not."""
         vocab = self.engine.vocab_size
-        bad = [t for t in body.tokens if not 0 <= t < vocab]
-        if bad:
-            raise bad_request(f"token ids must be in [0, {vocab}); got {bad[0]}", "tokens")
-        return {"prompt": self.tokenizer.decode(body.tokens)}
+        bad = next((t for t in ids if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise bad_request(f"{field}: token ids must be in [0, {vocab}); got {shorten(bad, 32)}", field)
+
+    def _check_length(self, num_chars: int, field: str, where: str | None = None) -> None:
+        """Refuse, before tokenizing it, a text too long to ever fit the context window."""
+        if not self.text.fits(num_chars):
+            raise OpenAIError(400, f"{where or field}: this model's maximum context length is "
+                                   f"{self.engine.max_model_len} tokens, and {num_chars:,} characters of text cannot "
+                                   f"fit it (one token covers at most "
+                                   f"{self.text.max_chars // self.engine.max_model_len} characters)",
+                              "invalid_request_error", field, "context_length_exceeded")
 
     # ---- generation ---------------------------------------------------------------------------
     async def completions(self, body: CompletionRequest, request: Request) -> Response:
         audit(request, model=body.model)
         model = self.check_model(body.model)
         params = body.to_sampling_params()
-        prompts = []
-        for p in body.prompts():
-            if isinstance(p, str):
-                p = encode_prompt(self.tokenizer, p)
+        self.check_token_ids(params.stop_token_ids, "stop_token_ids")
+        batch = body.prompts()
+        for i, p in enumerate(batch):
+            where = "prompt" if len(batch) == 1 else f"prompt {i}"
             if not p:
-                raise bad_request("the prompt is empty", "prompt")
+                raise bad_request(f"{where}: the prompt is empty", "prompt")
+            if isinstance(p, str):
+                self._check_length(len(p), "prompt", where)
+            elif len(p) >= self.engine.max_model_len:  # not even one token would fit after it
+                raise OpenAIError(400, f"{where}: this model's maximum context length is {self.engine.max_model_len} "
+                                       f"tokens, but the prompt has {len(p)}", "invalid_request_error", "prompt",
+                                  "context_length_exceeded")
+            else:
+                self.check_token_ids(p, "prompt")
+        prompts = []
+        for p in batch:  # tokenized only once every prompt passed the checks
+            if isinstance(p, str):
+                p = await self.text.encode(p)
+                if not p:
+                    raise bad_request("the prompt is empty", "prompt")
             prompts.append(list(p))
         job = _Job(False, f"cmpl-{uuid.uuid4().hex}", model, prompts, params, body.logprobs, body.stream,
                    body.include_usage, self._salt(request, body.cache_salt))
@@ -127,17 +168,21 @@ class OpenAIServing:
         audit(request, model=body.model)
         model = self.check_model(body.model)
         params = body.to_sampling_params()
-        ids = self._chat_tokens(body.conversation(), body.add_generation_prompt, body.chat_template_kwargs)
+        self.check_token_ids(params.stop_token_ids, "stop_token_ids")
+        ids = await self._chat_tokens(body.conversation(), body.add_generation_prompt, body.chat_template_kwargs)
         num_logprobs = (body.top_logprobs or 0) if body.logprobs else None
         job = _Job(True, f"chatcmpl-{uuid.uuid4().hex}", model, [ids], params, num_logprobs, body.stream,
                    body.include_usage, self._salt(request, body.cache_salt))
         return await self._generate(job, request)
 
-    def _chat_tokens(self, conversation: list[dict], add_generation_prompt: bool, kwargs: dict | None) -> list[int]:
+    async def _chat_tokens(self, conversation: list[dict], add_generation_prompt: bool,
+                           kwargs: dict | None) -> list[int]:
+        # the template copies every message's text: their total length bounds the rendered text's
+        self._check_length(sum(len(m["content"]) for m in conversation), "messages")
         try:
-            return apply_chat_template(self.tokenizer, conversation, add_generation_prompt, **(kwargs or {}))
+            return await self.text.chat(conversation, add_generation_prompt, kwargs)
         except Exception as e:  # the template's own checks (roles, order) speak of the request
-            raise bad_request(f"cannot apply the chat template: {e}", "messages") from None
+            raise bad_request(f"cannot apply the chat template: {cap(str(e), 512)}", "messages") from None
 
     def _salt(self, request: Request, request_salt: str | None) -> str | None:
         identity = getattr(request.state, "identity", ANONYMOUS)
@@ -156,8 +201,9 @@ class OpenAIServing:
             if isinstance(e, ValueError):
                 where = f"prompt {len(streams)}: " if len(job.prompts) > 1 else ""
                 code = "context_length_exceeded" if "context length" in str(e) else None
-                raise OpenAIError(400, where + str(e), "invalid_request_error",
-                                  "messages" if job.chat else "prompt", code) from None
+                # The engine's messages start with the field at fault when it is not the prompt.
+                param = "stop_token_ids" if str(e).startswith("stop_token_ids") else ("messages" if job.chat else "prompt")
+                raise OpenAIError(400, where + str(e), "invalid_request_error", param, code) from None
             if isinstance(e, QueueFullError):
                 raise OpenAIError(503, str(e), "server_overloaded", None, "queue_full") from None
             if isinstance(e, EngineDeadError):
@@ -176,7 +222,7 @@ class OpenAIServing:
             timers[i].observe(delta)
             outs[i] = merge_output(outs[i], delta)
 
-        def record(status: int | None = None) -> None:
+        def record(status: int | None = None, error: str | None = None) -> None:
             u = R.usage(outs)
             reasons = [c.finish_reason for o in outs if o for c in o.outputs]
             if status == CLIENT_CLOSED:  # what had not finished was aborted
@@ -185,6 +231,8 @@ class OpenAIServing:
                   cached_tokens=u["prompt_tokens_details"]["cached_tokens"], finish_reason=finish_reason_of(reasons))
             if status is not None:
                 audit(request, status_code=status)
+            if error is not None:
+                audit(request, error=error)
 
         if job.stream:
             return _SSEResponse(self._events(job, merged, take, record, outs), on_close=merged.close)
@@ -194,11 +242,14 @@ class OpenAIServing:
         except ClientDisconnected:
             record(CLIENT_CLOSED)
             return Response(status_code=CLIENT_CLOSED)
-        except EngineDeadError as e:
-            raise OpenAIError(503, str(e), "server_error", None, "engine_unavailable") from None
+        except (EngineDeadError, RequestFailedError) as e:
+            record()
+            raise engine_error(e) from None
         finally:
             merged.close()
         record()
+        if job.num_logprobs is not None:  # the token texts are decoded: on the text worker
+            return JSONResponse(await self.text.run(self._full_body, job, outs))
         return JSONResponse(self._full_body(job, outs))
 
     def _full_body(self, job: _Job, outs: list[RequestOutput]) -> dict:
@@ -220,7 +271,7 @@ class OpenAIServing:
         extra = {"usage": None} if job.include_usage else {}
         n = job.params.n
         offsets: dict[int, int] = {}  # completions' text_offset per choice
-        status = CLIENT_CLOSED
+        status, error_code = CLIENT_CLOSED, None
         try:
             if job.chat:
                 for k in range(len(job.prompts) * n):
@@ -228,15 +279,11 @@ class OpenAIServing:
                                                       "logprobs": None, "finish_reason": None}], **extra})
             async for i, delta in merged:
                 take(i, delta)
-                for c in delta.outputs:
-                    if not (c.text or c.finish_reason or (c.logprobs and c.token_ids)):
-                        continue
-                    k = i * n + c.index
-                    if job.chat:
-                        choice = R.chat_delta_choice(k, c, job.num_logprobs, self.token_text)
-                    else:
-                        choice = R.completion_choice(k, c, job.num_logprobs, self.token_text, offsets.get(k, 0))
-                        offsets[k] = offsets.get(k, 0) + sum(len(t) for t in (choice["logprobs"] or {}).get("tokens", []))
+                if job.num_logprobs is not None:  # the token texts are decoded: on the text worker
+                    choices = await self.text.run(self._delta_choices, job, i, delta, offsets)
+                else:
+                    choices = self._delta_choices(job, i, delta, offsets)
+                for choice in choices:
                     yield R.sse({**head, "choices": [choice], **extra})
             if job.include_usage:
                 yield R.sse({**head, "choices": [], "usage": R.usage(outs)})
@@ -244,10 +291,26 @@ class OpenAIServing:
             status = 200
         except ClientDisconnected:
             pass
-        except EngineDeadError as e:
-            yield R.sse(OpenAIError(503, str(e), "server_error", None, "engine_unavailable").body())
+        except (EngineDeadError, RequestFailedError) as e:
+            error = engine_error(e)
+            yield R.sse(error.body())
             yield R.sse("[DONE]")
-            status = 503
+            status, error_code = error.status, error.code
         finally:
             merged.close()
-            record(None if status == 200 else status)
+            record(None if status == 200 else status, error_code)
+
+    def _delta_choices(self, job: _Job, i: int, delta: RequestOutput, offsets: dict[int, int]) -> list[dict]:
+        """The stream chunks' choices for one delta of prompt i (offsets: completions' text_offset per choice)."""
+        choices = []
+        for c in delta.outputs:
+            if not (c.text or c.finish_reason or (c.logprobs and c.token_ids)):
+                continue
+            k = i * job.params.n + c.index
+            if job.chat:
+                choices.append(R.chat_delta_choice(k, c, job.num_logprobs, self.token_text))
+            else:
+                choice = R.completion_choice(k, c, job.num_logprobs, self.token_text, offsets.get(k, 0))
+                offsets[k] = offsets.get(k, 0) + sum(len(t) for t in (choice["logprobs"] or {}).get("tokens", []))
+                choices.append(choice)
+        return choices
