@@ -173,7 +173,7 @@ def drive(engine) -> dict:
     while engine.has_unfinished_requests():
         for out in engine.step():
             out_tokens += sum(len(c.token_ids) for c in out.outputs)
-        blocks_sum += engine.kv_cache.pool.num_used_blocks
+        blocks_sum += engine.kv_cache.num_used_blocks
         steps += 1
     elapsed = time.perf_counter() - t0
     stats = engine.stats()

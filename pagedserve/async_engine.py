@@ -122,7 +122,7 @@ class AsyncEngine:
         self._cond = threading.Condition()
         self._inbox: deque[_Add | _Abort] = deque()
         self._streams: dict[str, _Add] = {}  # touched by the loop thread only
-        self._stats: dict = engine.stats()   # replaced (never mutated) by the loop thread
+        self._stats: dict = engine.stats(detailed=False)   # replaced (never mutated) by the loop thread
         self._stop = False
         self._closed = False  # set under _cond when the loop ends: no command is taken after it
         self._dead: BaseException | None = None
@@ -219,7 +219,7 @@ class AsyncEngine:
                         if engine.num_steps == steps:  # nothing could be scheduled: wait, do not spin
                             with self._cond:
                                 self._cond.wait(_IDLE_WAIT_S)
-                self._stats = engine.stats()
+                self._stats = engine.stats(detailed=False)
             self._close(EngineDeadError("the server is shutting down"))
         except BaseException as e:
             logger.exception("the engine loop failed; no more requests will be served")
@@ -260,7 +260,7 @@ class AsyncEngine:
             if not _deliver(cmd.loop, _settle, cmd.accepted, error) and error is None:
                 self._streams.pop(cmd.request_id, None)
                 engine.abort_request(cmd.request_id)
-        self._stats = engine.stats()
+        self._stats = engine.stats(detailed=False)
 
     def _dispatch(self, outputs: list[RequestOutput]) -> None:
         for out in outputs:

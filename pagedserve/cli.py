@@ -5,7 +5,7 @@ import argparse
 import dataclasses
 import sys
 
-from pagedserve.config import DTYPES, KV_RESERVATIONS, EngineConfig
+from pagedserve.config import ATTENTION_BACKENDS, DTYPES, KV_RESERVATIONS, EngineConfig
 
 ENGINE_HELP = {
     "model": "Hugging Face model folder or .gguf file",
@@ -23,6 +23,8 @@ ENGINE_HELP = {
     "kv_reservation": f"KV allocation policy: {' | '.join(KV_RESERVATIONS)} (none: paged; the others reserve up front)",
     "seed": "seed for requests that bring none",
     "num_threads": "torch CPU threads",
+    "attention_backend": "paged-attention implementation: auto | torch | cpu (auto: cpu, the fused C decode "
+                         "kernel, where it builds; torch, the reference, elsewhere)",
 }
 # What an engine option left unset (None) means, for --help.
 ENGINE_UNSET = {
@@ -66,7 +68,8 @@ def add_engine_args(parser: argparse.ArgumentParser, **defaults) -> None:
         elif f.name in ("num_kv_blocks", "max_model_len", "num_threads") or f.type in ("int", int):
             g.add_argument(flag, type=int, default=default, help=text)
         else:
-            choices = {"dtype": DTYPES, "kv_reservation": KV_RESERVATIONS}.get(f.name)
+            choices = {"dtype": DTYPES, "kv_reservation": KV_RESERVATIONS,
+                       "attention_backend": ATTENTION_BACKENDS}.get(f.name)
             g.add_argument(flag, default=default, choices=choices, help=text)
 
 

@@ -106,12 +106,14 @@ class LLMEngine:
         self.scheduler = Scheduler(SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens,
                                                    self.max_model_len, config.enable_chunked_prefill), self.kv_cache)
         self.runner = ModelRunner(loaded.model, mc.num_hidden_layers, mc.num_key_value_heads, mc.head_dim,
-                                  num_blocks, config.block_size, loaded.dtype, config.device)
+                                  num_blocks, config.block_size, loaded.dtype, config.device,
+                                  config.attention_backend, config.max_num_seqs)
         self.eos_token_ids = set(mc.eos_token_ids)
         self.generator = torch.Generator(device=config.device).manual_seed(config.seed)
         self.groups: dict[str, _Group] = {}
         self._seq_owner: dict[str, tuple[_Group, _Sample]] = {}
         self._ids = itertools.count()
+        self._step_observers: list = []
         self.num_prompt_tokens = 0
         self.num_generation_tokens = 0
         self.num_steps = 0
@@ -189,6 +191,8 @@ class LLMEngine:
         if sched.is_empty:
             return []
         self.num_steps += 1
+        for observe in self._step_observers:
+            observe(sched)
         # Every group of the step fails with it, even one that finished in it: its output is never returned.
         groups = list(dict.fromkeys(self._seq_owner[s.request_id][0].request_id for s in sched.sequences))
         try:
@@ -294,11 +298,17 @@ class LLMEngine:
     def live_requests(self) -> list[Request]:
         return [s.seq for g in self.groups.values() for s in g.samples]
 
+    def add_step_observer(self, observe) -> None:
+        """Call observe(scheduler_output) once per step, after scheduling and before the forward. For
+        benchmarks and the report (e.g. the KV slot accounting, kv_cache.record_step); never on by default."""
+        self._step_observers.append(observe)
+
     def check_invariants(self) -> None:
         self.kv_cache.check_invariants(self.scheduler.running)
 
-    def stats(self) -> dict:
-        out = self.kv_cache.stats()
+    def stats(self, detailed: bool = True) -> dict:
+        """The engine's numbers (see DESIGN.md); detailed=False skips those that walk every block table."""
+        out = self.kv_cache.stats(detailed)
         out.update(num_preemptions=self.scheduler.num_preemptions,
                    num_requests_running=len(self.scheduler.running),
                    num_requests_waiting=len(self.scheduler.waiting),

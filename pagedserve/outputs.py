@@ -16,7 +16,8 @@ class ScheduledSequence:
 
 @dataclass
 class SchedulerOutput:
-    """A step's batch: decodes first, then prefill chunks; plus copy-on-write block copies."""
+    """A step's batch (in the scheduler's order; the attention backend lays it out as its kernels need),
+    plus copy-on-write block copies."""
     sequences: list[ScheduledSequence] = field(default_factory=list)
     blocks_to_copy: list[tuple[int, int]] = field(default_factory=list)  # (src, dst), done before the forward
     preempted_ids: list[str] = field(default_factory=list)

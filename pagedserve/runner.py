@@ -1,9 +1,13 @@
-"""ModelRunner: owns the KV cache tensors; turns a SchedulerOutput into tensors, runs the model, returns logits."""
+"""ModelRunner: owns the KV cache tensors and the attention backend; turns a SchedulerOutput into tensors,
+runs the model, returns logits."""
 from __future__ import annotations
+
+import itertools
 
 import torch
 
-from pagedserve.attention import AttentionMetadata, copy_blocks
+from pagedserve.attention import MetadataBuilder, copy_blocks, select_backend
+from pagedserve.model.packed_linear import pack_linears
 from pagedserve.outputs import SchedulerOutput
 
 
@@ -14,32 +18,36 @@ def kv_bytes_per_block(num_layers: int, num_kv_heads: int, head_dim: int, block_
 
 class ModelRunner:
     def __init__(self, model: torch.nn.Module, num_layers: int, num_kv_heads: int, head_dim: int,
-                 num_blocks: int, block_size: int, dtype: torch.dtype, device: str = "cpu") -> None:
+                 num_blocks: int, block_size: int, dtype: torch.dtype, device: str = "cpu",
+                 attention_backend: str = "auto", max_num_seqs: int = 256) -> None:
         self.model = model
         self.block_size = block_size
         self.device = torch.device(device)
-        # One K and one V tensor per layer: [num_blocks, block_size, num_kv_heads, head_dim]
-        shape = (num_blocks, block_size, num_kv_heads, head_dim)
+        self.num_packed_linears = pack_linears(model, dtype, self.device)
+        self.backend = select_backend(attention_backend, self.device, dtype, head_dim, block_size)
+        # One K and one V tensor per layer: [num_blocks + 1, block_size, num_kv_heads, head_dim]. The extra
+        # block (id num_blocks, never handed out by the pool) is the null block that pads block-table rows:
+        # a backend reading past a sequence's length reads zeros there, never another request's K/V.
+        shape = (num_blocks + 1, block_size, num_kv_heads, head_dim)
         self.kv_caches = [(torch.zeros(shape, dtype=dtype, device=self.device),
                            torch.zeros(shape, dtype=dtype, device=self.device)) for _ in range(num_layers)]
+        self.metadata_builder = MetadataBuilder(block_size, num_blocks, max_num_seqs, 64, self.device)
 
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> torch.Tensor:
-        """Run one step; returns float32 logits [num_sampled, vocab] for the sequences with sample=True."""
+        """Run one step; returns float32 logits [num_sampled, vocab] for the sequences with sample=True, in
+        the scheduler's order."""
         copy_blocks(self.kv_caches, sched.blocks_to_copy)
-        seqs = sched.sequences
-        tokens: list[int] = []
-        positions: list[int] = []
-        for s in seqs:
-            tokens.extend(s.token_ids)
-            positions.extend(range(s.start_pos, s.start_pos + len(s.token_ids)))
-        query_lens = [len(s.token_ids) for s in seqs]
-        meta = AttentionMetadata.build([s.block_ids for s in seqs], query_lens,
-                                       [s.start_pos + q for s, q in zip(seqs, query_lens)],
-                                       self.block_size, self.device)
-        input_ids = torch.tensor(tokens, dtype=torch.int64, device=self.device)
-        pos = torch.tensor(positions, dtype=torch.int64, device=self.device)
-        hidden = self.model(input_ids, pos, self.kv_caches, meta)  # [T, H]
-        last = meta.query_start_loc[1:] - 1
-        sample_rows = torch.tensor([i for i, s in enumerate(seqs) if s.sample], dtype=torch.int64, device=self.device)
-        return self.model.compute_logits(hidden[last[sample_rows]])
+        query_lens = [len(s.token_ids) for s in sched.sequences]
+        order = self.backend.order(query_lens)  # the layout the backend's kernels want
+        seqs = [sched.sequences[i] for i in order]
+        positions, meta = self.metadata_builder.build(
+            [s.block_ids for s in seqs], [query_lens[i] for i in order], [s.start_pos for s in seqs], self.backend)
+        input_ids = torch.tensor(list(itertools.chain.from_iterable(s.token_ids for s in seqs)),
+                                 dtype=torch.int64, device=self.device)
+        hidden = self.model(input_ids, positions, self.kv_caches, meta)  # [T, H]
+        # The last token of each sampled sequence, in the scheduler's order.
+        slot_of = {i: j for j, i in enumerate(order)}
+        last = list(itertools.accumulate(query_lens[i] for i in order))
+        rows = [last[slot_of[i]] - 1 for i, s in enumerate(sched.sequences) if s.sample]
+        return self.model.compute_logits(hidden[torch.tensor(rows, dtype=torch.int64, device=self.device)])

@@ -48,10 +48,10 @@ class Scheduler:
         if n + max_tokens > limit:
             raise ValueError(f"this model's maximum context length is {limit} tokens, but the request has "
                              f"{n} prompt tokens and asks for {max_tokens} completion tokens ({n + max_tokens} in all)")
-        B, pool = self.kv_cache.block_size, self.kv_cache.pool.num_blocks
+        B, pool = self.kv_cache.block_size, self.kv_cache.num_blocks
         samples = request.sampling_params.n
         # n samples share the prompt's full blocks; each needs its own tail and output blocks.
-        needed = max(cdiv(n + max_tokens, B), self.kv_cache._reserved_blocks(request))
+        needed = max(cdiv(n + max_tokens, B), self.kv_cache.reserved_blocks(request))
         needed += (samples - 1) * (needed - n // B)
         if needed > pool:
             raise ValueError(f"the request needs {needed} KV cache blocks ({n} prompt + {max_tokens} completion "
@@ -129,16 +129,12 @@ class Scheduler:
             budget -= n
 
         out = SchedulerOutput(blocks_to_copy=self.kv_cache.take_blocks_to_copy(), preempted_ids=preempted)
-        # Decodes first, then prefill chunks: the attention op takes the decode rows in one batch.
-        scheduled.sort(key=lambda rn: rn[1] != 1)
         for req, n in scheduled:
             start = req.num_computed_tokens
             out.sequences.append(ScheduledSequence(
                 request_id=req.request_id, token_ids=req.all_token_ids[start:start + n], start_pos=start,
                 block_ids=self.kv_cache.get_block_ids(req.request_id), sample=start + n == req.num_tokens))
         self._in_flight = scheduled
-        if scheduled:
-            self.kv_cache.record_step()
         return out
 
     def commit_step(self) -> None:

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from pagedserve.attention import AttentionMetadata, copy_blocks, cpu_kernel, paged_attention, write_kv_cache
+from pagedserve.attention import AttentionMetadata, copy_blocks, paged_attention, select_backend, write_kv_cache
 from pagedserve.attention import torch_backend
 from pagedserve.attention.torch_backend import decode_tiles
 
@@ -14,7 +14,8 @@ HEAD_DIM = 16
 NUM_KV_HEADS = 2
 
 
-def make_batch(specs: list[tuple[int, int]], block_size: int, gqa: int, dtype: torch.dtype, seed: int):
+def make_batch(specs: list[tuple[int, int]], block_size: int, gqa: int, dtype: torch.dtype, seed: int,
+               backend=None):
     """Sequences given as (cached_len, query_len), decodes first, on shuffled non-contiguous blocks.
 
     The cached part of each sequence is written straight into its blocks (not through the op under
@@ -41,7 +42,8 @@ def make_batch(specs: list[tuple[int, int]], block_size: int, gqa: int, dtype: t
     k = torch.cat([fk[c:] for (c, _), fk in zip(specs, full_k)])
     v = torch.cat([fv[c:] for (c, _), fv in zip(specs, full_v)])
     q = torch.randn(k.shape[0], hq, d, generator=g).to(dtype)
-    meta = AttentionMetadata.build(tables, [n for _, n in specs], [c + n for c, n in specs], block_size)
+    meta = AttentionMetadata.build(tables, [n for _, n in specs], [c + n for c, n in specs], block_size,
+                                   backend=backend)
     return q, k, v, k_cache, v_cache, meta, full_k, full_v
 
 
@@ -65,14 +67,10 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     return ((out.double() - ref).abs().max() / ref.abs().max()).item()
 
 
-@pytest.fixture(params=["kernel", "torch"])
-def decode_path(request, monkeypatch):
-    """Run a test on both decode paths: the fused CPU kernel (cpu_kernel.py) and the torch code."""
-    if request.param == "torch":
-        monkeypatch.setenv(cpu_kernel.ENV_SWITCH, "torch")
-    else:
-        assert cpu_kernel.load_library() is not None
-    return request.param
+@pytest.fixture(params=["cpu", "torch"])
+def backend(request):
+    """Run a test through each CPU attention backend: the fused C decode kernel, and plain torch."""
+    return select_backend(request.param, "cpu", torch.float32, HEAD_DIM, 16)
 
 
 # (cached_len, query_len): decodes at lengths off block boundaries, prefills from position 0,
@@ -82,8 +80,8 @@ MIXED = [(0, 1), (16, 1), (36, 1), (5, 1), (70, 1), (0, 23), (0, 1), (17, 9), (3
 
 @pytest.mark.parametrize("block_size", [1, 8, 16, 32])
 @pytest.mark.parametrize("gqa", [1, 3])
-def test_mixed_batch_matches_dense_reference(block_size, gqa, decode_path):
-    q, k, v, kc, vc, meta, fk, fv = make_batch(MIXED, block_size, gqa, torch.float32, seed=block_size * 10 + gqa)
+def test_mixed_batch_matches_dense_reference(block_size, gqa, backend):
+    q, k, v, kc, vc, meta, fk, fv = make_batch(MIXED, block_size, gqa, torch.float32, seed=block_size * 10 + gqa, backend=backend)
     assert meta.num_decodes == 5
     scale = HEAD_DIM ** -0.5
     out = paged_attention(q, k, v, kc, vc, meta, scale)
@@ -96,15 +94,14 @@ def test_mixed_batch_matches_dense_reference(block_size, gqa, decode_path):
     [(0, 33)],  # one prefill from position 0
     [(45, 19), (0, 8)],  # prefill only, the first on cached context
 ])
-def test_decode_only_and_prefill_only_batches(specs, decode_path):
-    q, k, v, kc, vc, meta, fk, fv = make_batch(specs, 8, 3, torch.float32, seed=len(specs))
+def test_decode_only_and_prefill_only_batches(specs, backend):
+    q, k, v, kc, vc, meta, fk, fv = make_batch(specs, 8, 3, torch.float32, seed=len(specs), backend=backend)
     out = paged_attention(q, k, v, kc, vc, meta, 0.3)
     assert rel_err(out, dense_reference(q, fk, fv, meta.query_lens_list, 0.3)) < 1e-5
 
 
 def test_tiled_decode_matches_reference(monkeypatch):
     # A tiny tile budget forces the torch path's sorted multi-tile decode, including tiles of one sequence.
-    monkeypatch.setenv(cpu_kernel.ENV_SWITCH, "torch")
     monkeypatch.setattr(torch_backend, "DECODE_TILE_BYTES", 40 * NUM_KV_HEADS * HEAD_DIM * 4)
     lens = [37, 3, 90, 12, 12, 55, 1, 64, 20, 41]
     specs = [(n - 1, 1) for n in lens] + [(10, 6)]
@@ -126,16 +123,16 @@ def test_decode_tiles_cover_sorted_within_budget():
     assert decode_tiles(lens, 10**6)[1] == [(0, len(lens), 90)]
 
 
-def test_bfloat16_close_to_reference(decode_path):
-    q, k, v, kc, vc, meta, fk, fv = make_batch(MIXED, 16, 3, torch.bfloat16, seed=3)
+def test_bfloat16_close_to_reference(backend):
+    q, k, v, kc, vc, meta, fk, fv = make_batch(MIXED, 16, 3, torch.bfloat16, seed=3, backend=backend)
     out = paged_attention(q, k, v, kc, vc, meta, HEAD_DIM ** -0.5)
     assert out.dtype == torch.bfloat16
     assert rel_err(out, dense_reference(q, fk, fv, meta.query_lens_list, HEAD_DIM ** -0.5)) < 2e-2
 
 
-def test_strided_query_from_fused_projection(decode_path):
+def test_strided_query_from_fused_projection(backend):
     # The model may hand q/k/v as views into one fused QKV output.
-    q, k, v, kc, vc, meta, fk, fv = make_batch(MIXED, 8, 3, torch.float32, seed=11)
+    q, k, v, kc, vc, meta, fk, fv = make_batch(MIXED, 8, 3, torch.float32, seed=11, backend=backend)
     fused = torch.cat([q.flatten(1), k.flatten(1), v.flatten(1)], dim=1)  # [T, (Hq + 2 Hkv) D]
     hq_d, hkv_d = q[0].numel(), k[0].numel()
     qv = fused[:, :hq_d].view(q.shape)

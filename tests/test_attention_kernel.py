@@ -11,7 +11,7 @@ import pytest
 import torch
 from test_attention import MIXED, dense_reference, make_batch, rel_err
 
-from pagedserve.attention import cpu_kernel, paged_attention, torch_backend
+from pagedserve.attention import cpu_kernel, paged_attention, select_backend, torch_backend
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -118,25 +118,34 @@ def test_thread_split_does_not_change_results():
     assert rel_err(one, dense_reference(q, fk, fv, [1] * len(lens), 0.125)) < 2e-2
 
 
-def test_paged_attention_routes_decodes_to_the_kernel(monkeypatch):
+def test_the_cpu_backend_routes_decodes_to_the_kernel(monkeypatch):
     calls = []
     real = cpu_kernel.decode_attention
     monkeypatch.setattr(cpu_kernel, "decode_attention", lambda *a, **kw: calls.append(a[1].shape) or real(*a, **kw))
     monkeypatch.setattr(torch_backend, "_decode_attention", None)  # the torch decode path must not run
+    cpu = select_backend("cpu", "cpu", torch.float32, 16, 16)
     for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2)):
-        q, k, v, kc, vc, meta, fk, fv = make_batch(MIXED, 16, 3, dtype, seed=21)
+        q, k, v, kc, vc, meta, fk, fv = make_batch(MIXED, 16, 3, dtype, seed=21, backend=cpu)
         out = paged_attention(q, k, v, kc, vc, meta, 0.25)
         assert rel_err(out, dense_reference(q, fk, fv, meta.query_lens_list, 0.25)) < tol
     assert calls == [(meta.num_decodes, *q.shape[1:])] * 2
 
 
-def test_env_var_forces_torch_path(monkeypatch):
-    monkeypatch.setenv(cpu_kernel.ENV_SWITCH, "torch")
+def test_the_torch_backend_never_calls_the_kernel(monkeypatch):
     monkeypatch.setattr(cpu_kernel, "decode_attention", None)  # would raise if called
-    q, k, v, kc, vc, meta, fk, fv = make_batch(MIXED, 8, 3, torch.float32, seed=22)
-    assert not cpu_kernel.supports(q, kc)
+    q, k, v, kc, vc, meta, fk, fv = make_batch(MIXED, 8, 3, torch.float32, seed=22,
+                                               backend=select_backend("torch", "cpu", torch.float32, 16, 8))
     out = paged_attention(q, k, v, kc, vc, meta, 0.25)
     assert rel_err(out, dense_reference(q, fk, fv, meta.query_lens_list, 0.25)) < 1e-5
+
+
+def test_the_kernel_is_a_torch_operator_the_profiler_sees():
+    lens = [40, 90, 300]
+    q, kc, vc, tables, seq_lens, fk, fv = decode_batch(lens, 16, 3, 3, 64, torch.float32, seed=9)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        out = run_kernel(q, kc, vc, tables, seq_lens, 0.125)
+    assert "pagedserve::paged_decode" in {e.key for e in prof.key_averages()}
+    assert rel_err(out, dense_reference(q, fk, fv, [1] * len(lens), 0.125)) < 1e-5
 
 
 def test_only_cpu_float_tensors_are_supported():
@@ -170,9 +179,12 @@ def test_compile_failure_falls_back_with_one_warning(fresh_build, monkeypatch, c
     caplog.set_level(logging.WARNING, logger=cpu_kernel.__name__)
     q, k, v, kc, vc, meta, fk, fv = make_batch(MIXED, 16, 3, torch.float32, seed=23)
     for _ in range(2):
-        out = paged_attention(q, k, v, kc, vc, meta, 0.25)
+        out = paged_attention(q, k, v, kc, vc, meta, 0.25)  # meta's default backend: torch
         assert rel_err(out, dense_reference(q, fk, fv, meta.query_lens_list, 0.25)) < 1e-5
     assert not cpu_kernel.supports(q, kc)
+    assert select_backend("auto", "cpu", torch.float32, 16, 16).name == "torch"
+    with pytest.raises(ValueError, match="did not build"):
+        select_backend("cpu", "cpu", torch.float32, 16, 16)
     assert [r.levelname for r in caplog.records] == ["WARNING"]
     assert "torch path" in caplog.records[0].getMessage()
     assert not any((fresh_build / "pagedserve" / "kernels").iterdir())  # the failed build's temporary is gone
@@ -185,9 +197,9 @@ def test_missing_compiler_falls_back(fresh_build, monkeypatch):
     assert not cpu_kernel.supports(cpu, cpu)
 
 
-def test_worker_pool_survives_fork():
-    # The kernel keeps worker threads between calls; a forked child (a server worker, a DataLoader) has
-    # none of them and must still finish a threaded call instead of waiting for workers forever.
+def test_threaded_calls_survive_fork():
+    # The kernel's threads are torch's OpenMP team; a forked child (a server worker, a DataLoader) has
+    # none of the parent's threads and must still finish a threaded call instead of waiting forever.
     lens = [400, 900, 650, 300]
     q, kc, vc, tables, seq_lens, *_ = decode_batch(lens, 16, 3, 3, 64, torch.float32, seed=6)
     expected = run_kernel(q, kc, vc, tables, seq_lens, 0.125, num_threads=3)  # starts the pool here

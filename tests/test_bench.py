@@ -313,3 +313,47 @@ def test_bench_serve_cli_poisson_arrivals(stub_server, tmp_path, capsys):
     assert planned[-1] > 0.5  # the schedule spreads the requests out
     for started, at in zip(r["per_request"]["start_times"], planned):
         assert at <= started < at + 0.3  # never early; late only by event-loop lag
+
+
+def test_bench_throughput_measures_its_peak_and_runs_a_vllm_baseline(tiny_model_dir, tmp_path, capsys):
+    """--baseline vllm runs vllm_runner.py under --vllm-python with the same requests and our settings, and
+    prints the ratio. vLLM itself is not installed here: a stand-in interpreter checks the command it is
+    given, answers as vllm_runner.py does, and fails the run if anything differs."""
+    rows = [{"id": f"r{i}", "prompt_token_ids": [3 + i, 4, 5 + i], "max_tokens": 4, "shared_prefix_len": 0}
+            for i in range(3)]
+    wl = tmp_path / "w.jsonl"
+    _write_jsonl(wl, rows)
+    fake = tmp_path / "fake_python"
+    fake.write_text(f"""#!{sys.executable}
+import json, os, sys
+runner, args = sys.argv[1], sys.argv[2:]
+opt = dict(zip(args[::2], args[1::2]))
+items = [json.loads(line) for line in open(opt["--workload"])]
+ok = (runner.endswith("vllm_runner.py") and opt["--model"] == {tiny_model_dir!r} and opt["--dtype"] == "float32"
+      and opt["--kv-gib"] == "1" and opt["--max-num-batched-tokens"] == "64" and opt["--max-model-len"] == "128"
+      and os.environ["VLLM_CPU_OMP_THREADS_BIND"] == "0-0" and [it["max_tokens"] for it in items] == [4, 4, 4])
+if not ok:
+    sys.exit("unexpected command: " + " ".join(sys.argv))
+print(json.dumps({{"engine": "vllm-cpu", "vllm_version": "0.0-fake", "dtype": "float32", "kv_gib": 1,
+                  "num_requests": 3, "elapsed_s": 2.0, "prompt_tokens": 9, "output_tokens": 12,
+                  "expected_output_tokens": 12, "output_tokens_per_s": 6.0, "total_tokens_per_s": 10.5}}))
+""")
+    fake.chmod(0o755)
+    out = tmp_path / "result.json"
+    rc = main(["bench", "throughput", "--workload", str(wl), "--model", tiny_model_dir, "--dtype", "float32",
+               "--num-threads", "1", "--max-num-batched-tokens", "64", "--max-model-len", "128",
+               "--baseline", "vllm", "--vllm-python", str(fake), "--save-result", str(out), "--quiet"])
+    printed = capsys.readouterr().out
+    assert rc == 0, printed
+    r = json.loads(out.read_text())
+    assert r["peak_source"] == "measured" and r["peak_gflops"] > 0
+    assert f"matrix peak of this machine is {r['peak_gflops']:.0f} GFLOP/s, measured here" in printed
+    assert r["vllm"]["output_tokens_per_s"] == 6.0
+    assert r["ratios"]["ours_over_vllm"] == pytest.approx(r["engine_runs"][0]["output_tokens_per_s"] / 6.0)
+    assert "vLLM CPU 0.0-fake" in printed and "pagedserve / vLLM's CPU build" in printed
+    # a peer that fails is a warning and a non-zero exit, not a crash
+    fake.write_text(f"#!{sys.executable}\nimport sys\nsys.exit('no vllm here')\n")
+    rc = main(["bench", "throughput", "--workload", str(wl), "--model", tiny_model_dir, "--dtype", "float32",
+               "--num-threads", "1", "--peak-gflops", "100", "--baseline", "vllm", "--vllm-python", str(fake),
+               "--save-result", str(out), "--quiet"])
+    assert rc == 1 and "vLLM did not run" in capsys.readouterr().out

@@ -1,5 +1,7 @@
-"""Paged attention: one op every layer calls, plus the block copies for copy-on-write."""
-from pagedserve.attention.metadata import AttentionMetadata
-from pagedserve.attention.torch_backend import copy_blocks, paged_attention, write_kv_cache
+"""Paged attention: the AttentionBackend interface and its backends, the metadata they read, block copies."""
+from pagedserve.attention.backend import ATTENTION_BACKENDS, AttentionBackend, select_backend
+from pagedserve.attention.metadata import AttentionMetadata, MetadataBuilder
+from pagedserve.attention.torch_backend import TorchBackend, copy_blocks, paged_attention, write_kv_cache
 
-__all__ = ["AttentionMetadata", "copy_blocks", "paged_attention", "write_kv_cache"]
+__all__ = ["ATTENTION_BACKENDS", "AttentionBackend", "AttentionMetadata", "MetadataBuilder", "TorchBackend",
+           "copy_blocks", "paged_attention", "select_backend", "write_kv_cache"]

@@ -1,15 +1,18 @@
-"""Fused CPU decode attention: a small C kernel (csrc/paged_decode.c), built at first use, called via ctypes.
+"""Fused CPU decode attention: a small C kernel (csrc/paged_decode.c), built at first use, registered as
+the torch operator `torch.ops.pagedserve.paged_decode`.
 
 The torch decode path gathers every sequence's K/V through its block table into a padded copy, then
 runs a masked SDPA; the kernel reads the paged cache in place. It is compiled once per machine with
-the system C compiler (no torch headers, no ninja) into a cache folder and loaded with ctypes, which
-releases the GIL during the call. Without a compiler, or when the build fails, one warning is logged
-and `supports` answers False, so callers keep the torch path.
+the system C compiler (no torch headers, no ninja: about a second) into a cache folder and loaded with
+ctypes, which releases the GIL during the call. It is built with OpenMP against the libgomp torch has
+already loaded, so its threads are torch's own team. The operator wrapper (torch.library.custom_op)
+makes it visible to torch.profiler and opaque to torch.compile. Without a compiler, or when the build
+fails, one warning is logged and `available()` answers False; the `cpu` attention backend then cannot
+be chosen, and `auto` falls back to `torch`.
 
-Environment:
-  PAGEDSERVE_ATTENTION_KERNEL=torch  never use the kernel (comparisons, debugging); read on every call
-  CC                                 the C compiler command (default `cc`)
-  XDG_CACHE_HOME                     cache root (default ~/.cache); builds go to pagedserve/kernels/ in it
+Environment (build time only, never read on the hot path):
+  CC              the C compiler command (default `cc`)
+  XDG_CACHE_HOME  cache root (default ~/.cache); builds go to pagedserve/kernels/ in it
 """
 from __future__ import annotations
 
@@ -30,10 +33,18 @@ log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("csrc") / "paged_decode.c"
 # No -ffast-math: it would let the compiler reorder float sums and break the float32 accuracy bound.
-CFLAGS = ["-O3", "-march=native", "-std=gnu11", "-shared", "-fPIC"]
-LIBS = ["-lpthread"]
-ENV_SWITCH = "PAGEDSERVE_ATTENTION_KERNEL"
+CFLAGS = ["-O3", "-march=native", "-std=gnu11", "-shared", "-fPIC", "-fopenmp"]
+LIBS: list[str] = []
 _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}  # the C side's *_bf16 flags
+
+
+class _ForkState:
+    """libgomp's thread team does not survive fork(): a forked child that enters a parallel region after
+    its parent did waits forever for threads that do not exist. Such a child runs the kernel on one thread."""
+    in_child = False
+
+
+os.register_at_fork(after_in_child=lambda: setattr(_ForkState, "in_child", True))
 
 
 class DecodeArgs(ctypes.Structure):
@@ -112,15 +123,33 @@ def load_library() -> ctypes.CDLL | None:
     return lib
 
 
-def enabled() -> bool:
-    """False when PAGEDSERVE_ATTENTION_KERNEL=torch asks for the torch path."""
-    return os.environ.get(ENV_SWITCH, "").strip().lower() != "torch"
+def available() -> bool:
+    """Whether the kernel is built (building it on the first call)."""
+    return load_library() is not None
 
 
 def supports(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
-    """Whether decode_attention takes these inputs: CPU tensors of float32/bfloat16, kernel enabled and built."""
+    """Whether decode_attention takes these inputs: CPU tensors of float32/bfloat16, and the kernel built."""
     return (q.device.type == "cpu" and k_cache.device.type == "cpu" and q.dtype in _DTYPE_CODES
-            and k_cache.dtype in _DTYPE_CODES and enabled() and load_library() is not None)
+            and k_cache.dtype in _DTYPE_CODES and available())
+
+
+@torch.library.custom_op("pagedserve::paged_decode", mutates_args=("out",), device_types="cpu")
+def paged_decode(out: torch.Tensor, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                 block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float, num_threads: int) -> None:
+    """The kernel as a torch operator; see decode_attention for the arguments."""
+    args = DecodeArgs(
+        q.data_ptr(), q.stride(0), q.stride(1), k_cache.data_ptr(), v_cache.data_ptr(),
+        block_tables.data_ptr(), block_tables.stride(0), seq_lens.data_ptr(),
+        out.data_ptr(), out.stride(0), out.stride(1), q.shape[0], q.shape[1], k_cache.shape[2], q.shape[2],
+        k_cache.shape[1], scale, _DTYPE_CODES[q.dtype], _DTYPE_CODES[k_cache.dtype])
+    if load_library().paged_decode(ctypes.byref(args), num_threads) != 0:
+        raise MemoryError("paged_decode: scratch allocation failed")
+
+
+@paged_decode.register_fake
+def _(out, q, k_cache, v_cache, block_tables, seq_lens, scale, num_threads) -> None:
+    return None
 
 
 def decode_attention(out: torch.Tensor, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -133,8 +162,8 @@ def decode_attention(out: torch.Tensor, q: torch.Tensor, k_cache: torch.Tensor, 
     ceil(max seq_len / block_size)]; seq_lens: [S]. num_threads: default torch.get_num_threads().
     Check supports(q, k_cache) first.
     """
-    s, hq, d = q.shape
-    _, bs, hkv, _ = k_cache.shape
+    _, hq, _ = q.shape
+    hkv = k_cache.shape[2]
     if out.shape != q.shape or out.dtype != q.dtype or out.stride(2) != 1:
         raise ValueError("out must match q's shape and dtype and have a contiguous last dim")
     if v_cache.shape != k_cache.shape or v_cache.dtype != k_cache.dtype or hq % hkv:
@@ -146,10 +175,5 @@ def decode_attention(out: torch.Tensor, q: torch.Tensor, k_cache: torch.Tensor, 
     if block_tables.stride(1) != 1:
         block_tables = block_tables.contiguous()
     seq_lens = seq_lens.to(torch.int64).contiguous()
-    args = DecodeArgs(
-        q.data_ptr(), q.stride(0), q.stride(1), k_cache.data_ptr(), v_cache.data_ptr(),
-        block_tables.data_ptr(), block_tables.stride(0), seq_lens.data_ptr(),
-        out.data_ptr(), out.stride(0), out.stride(1), s, hq, hkv, d, bs, scale,
-        _DTYPE_CODES[q.dtype], _DTYPE_CODES[k_cache.dtype])
-    if load_library().paged_decode(ctypes.byref(args), num_threads or torch.get_num_threads()) != 0:
-        raise MemoryError("paged_decode: scratch allocation failed")
+    threads = 1 if _ForkState.in_child else (num_threads or torch.get_num_threads())
+    torch.ops.pagedserve.paged_decode(out, q, k_cache, v_cache, block_tables, seq_lens, scale, threads)

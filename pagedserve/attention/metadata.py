@@ -1,21 +1,27 @@
 """AttentionMetadata: how one flat, unpadded token batch maps onto the paged KV cache.
 
-The runner builds it once per step; every attention layer reads it. Sequences are
-ordered decodes first (query_len == 1), then prefill chunks, so backends can take the
-decode rows as one batched op: `num_decodes` sequences own the first `num_decodes` tokens.
+The runner builds it once per step (MetadataBuilder, vectorised, into buffers it keeps); every
+attention layer reads it. Sequences are laid out in the order their backend asked for (both CPU
+backends: decodes, query_len == 1, first), so `num_decodes` sequences own the first `num_decodes`
+tokens. Block-table rows are padded with a reserved null block, never a real one.
 """
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Sequence
 
 import torch
+
+if TYPE_CHECKING:
+    from pagedserve.attention.backend import AttentionBackend
 
 
 @dataclass
 class AttentionMetadata:
     # slot_mapping: [T] int64, physical slot (block_id * block_size + offset) of each new token's K/V
     slot_mapping: torch.Tensor
-    # block_tables: [S, max_blocks] int64, physical block ids per sequence, padded with 0
+    # block_tables: [S, max_blocks] int64, physical block ids per sequence, padded with the null block
     block_tables: torch.Tensor
     # query_start_loc: [S + 1] int64, cumulative query lengths: sequence s owns tokens [qsl[s], qsl[s+1])
     query_start_loc: torch.Tensor
@@ -26,6 +32,7 @@ class AttentionMetadata:
     seq_lens_list: list[int]
     num_decodes: int  # the first num_decodes sequences have query_len == 1
     block_size: int
+    backend: AttentionBackend | None = None  # runs the layer op (torch_backend.paged_attention)
 
     @property
     def num_seqs(self) -> int:
@@ -37,32 +44,69 @@ class AttentionMetadata:
 
     @classmethod
     def build(cls, block_tables: list[list[int]], query_lens: list[int], seq_lens: list[int],
-              block_size: int, device: torch.device | str = "cpu") -> "AttentionMetadata":
-        """Metadata for sequences given by block table, new-token count and total length.
+              block_size: int, device: torch.device | str = "cpu", backend: AttentionBackend | None = None,
+              null_block: int = 0) -> "AttentionMetadata":
+        """Metadata for sequences given by block table, new-token count and total length, in this order.
 
-        The new tokens of sequence s sit at positions [seq_len - query_len, seq_len).
+        The new tokens of sequence s sit at positions [seq_len - query_len, seq_len). backend: None
+        is the torch backend.
         """
-        num_decodes = 0
-        while num_decodes < len(query_lens) and query_lens[num_decodes] == 1:
-            num_decodes += 1
+        if backend is None:
+            from pagedserve.attention.torch_backend import TorchBackend
+            backend = TorchBackend()
         max_blocks = max((len(t) for t in block_tables), default=0)
-        table = torch.zeros((len(block_tables), max(max_blocks, 1)), dtype=torch.int64)
-        for i, t in enumerate(block_tables):
-            table[i, :len(t)] = torch.tensor(t, dtype=torch.int64)
-        slots: list[int] = []
-        for t, q, s in zip(block_tables, query_lens, seq_lens):
-            for pos in range(s - q, s):
-                slots.append(t[pos // block_size] * block_size + pos % block_size)
-        qsl = [0]
-        for q in query_lens:
-            qsl.append(qsl[-1] + q)
-        return cls(
-            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=device),
-            block_tables=table.to(device),
-            query_start_loc=torch.tensor(qsl, dtype=torch.int64, device=device),
-            seq_lens=torch.tensor(seq_lens, dtype=torch.int64, device=device),
-            query_lens_list=list(query_lens),
-            seq_lens_list=list(seq_lens),
-            num_decodes=num_decodes,
-            block_size=block_size,
-        )
+        builder = MetadataBuilder(block_size, null_block, len(block_tables), max_blocks, device)
+        starts = [s - q for s, q in zip(seq_lens, query_lens)]
+        return builder.build(block_tables, query_lens, starts, backend)[1]
+
+
+class MetadataBuilder:
+    """Builds a step's positions and AttentionMetadata with a few vectorised ops, the block tables into a
+    buffer it keeps (grown when a step needs more): no Python loop over tokens or block-table entries."""
+
+    def __init__(self, block_size: int, null_block: int, max_seqs: int, max_blocks: int,
+                 device: torch.device | str = "cpu") -> None:
+        self.block_size = block_size
+        self.null_block = null_block
+        self.device = torch.device(device)
+        self._tables = torch.empty((max(max_seqs, 1), max(max_blocks, 1)), dtype=torch.int64, device=self.device)
+
+    def _table_buffer(self, num_seqs: int, width: int) -> torch.Tensor:
+        rows, cols = self._tables.shape
+        if num_seqs > rows or width > cols:
+            self._tables = torch.empty((max(rows, num_seqs), max(cols, width)), dtype=torch.int64, device=self.device)
+        table = self._tables[:num_seqs, :width]
+        return table.fill_(self.null_block)
+
+    def build(self, block_tables: Sequence[Sequence[int]], query_lens: list[int], start_positions: list[int],
+              backend: AttentionBackend) -> tuple[torch.Tensor, AttentionMetadata]:
+        """(positions [T], metadata) for sequences in this order, given each one's block table, number of
+        new tokens and the position of the first."""
+        dev, B = self.device, self.block_size
+        S = len(query_lens)
+        seq_lens = [p + q for p, q in zip(start_positions, query_lens)]
+        num_decodes = 0
+        while num_decodes < S and query_lens[num_decodes] == 1:
+            num_decodes += 1
+        lens = [len(t) for t in block_tables]
+        table = self._table_buffer(S, max(lens, default=1) or 1)
+        flat = torch.tensor(list(itertools.chain.from_iterable(block_tables)), dtype=torch.int64)
+        if flat.numel():
+            rows = torch.repeat_interleave(torch.arange(S), torch.tensor(lens))
+            first = torch.tensor(lens).cumsum(0) - torch.tensor(lens)  # each row's offset into flat
+            cols = torch.arange(flat.numel()) - first[rows]
+            table[rows.to(dev), cols.to(dev)] = flat.to(dev)
+        qlens = torch.tensor(query_lens, dtype=torch.int64, device=dev)
+        qsl = torch.zeros(S + 1, dtype=torch.int64, device=dev)
+        torch.cumsum(qlens, 0, out=qsl[1:])
+        T = sum(query_lens)
+        seq_of_token = torch.repeat_interleave(torch.arange(S, device=dev), qlens, output_size=T)
+        positions = (torch.arange(T, device=dev) - qsl[:-1][seq_of_token]
+                     + torch.tensor(start_positions, dtype=torch.int64, device=dev)[seq_of_token])
+        slot_mapping = table[seq_of_token, positions // B] * B + positions % B
+        meta = AttentionMetadata(
+            slot_mapping=slot_mapping, block_tables=table, query_start_loc=qsl,
+            seq_lens=torch.tensor(seq_lens, dtype=torch.int64, device=dev),
+            query_lens_list=list(query_lens), seq_lens_list=seq_lens, num_decodes=num_decodes,
+            block_size=B, backend=backend)
+        return positions, meta

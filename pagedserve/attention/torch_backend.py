@@ -1,12 +1,10 @@
-"""Paged attention in plain torch: the CPU backend and the reference for faster ones.
+"""The `torch` attention backend: paged attention in plain torch, on any device; the reference for the others.
 
 One call per layer writes the step's new K/V into the paged cache, then attends every sequence
 through its block table. Device-agnostic: the same code runs on CPU and CUDA.
 
-Decodes (one query token each, the first `num_decodes` sequences) on the CPU go to the fused C
-kernel of cpu_kernel.py, which reads K/V in place through the block tables; when it cannot build,
-or PAGEDSERVE_ATTENTION_KERNEL=torch, the torch path below runs instead (it is also the reference).
-The torch path never loops per sequence: decodes are sorted by context length and cut into a few
+Decodes (one query token each, the first `num_decodes` sequences) never loop per sequence: they
+are sorted by context length and cut into a few
 tiles of about `DECODE_TILE_BYTES` of gathered K; each tile is one gather through the block tables
 plus one masked `scaled_dot_product_attention`. Tiling keeps the gathered K/V cache-resident and
 trims padding (a tile is only as wide as its own longest context); on 2 CPU cores it measured
@@ -25,7 +23,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from pagedserve.attention import cpu_kernel
+from pagedserve.attention.backend import AttentionBackend
 from pagedserve.attention.metadata import AttentionMetadata
 
 # Gathered K bytes per decode tile on CPU (about 5.5k tokens for SmolLM2 in bfloat16). On other
@@ -41,23 +39,35 @@ def write_kv_cache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_ca
     v_cache.view(n * b, h, d).index_copy_(0, slot_mapping, v.to(v_cache.dtype))
 
 
-def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
-                    v_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
-    """Write this step's K/V into the cache, then attend through the block tables.
+class TorchBackend(AttentionBackend):
+    name = "torch"
 
-    q: [T, Hq, D]; k, v: [T, Hkv, D]; caches: [N, block_size, Hkv, D]; returns [T, Hq, D].
-    """
-    write_kv_cache(k, v, k_cache, v_cache, meta.slot_mapping)
-    out = torch.empty_like(q)
-    nd = meta.num_decodes
-    if nd and cpu_kernel.supports(q, k_cache):
-        cpu_kernel.decode_attention(out[:nd], q[:nd], k_cache, v_cache, meta.block_tables[:nd], meta.seq_lens[:nd],
-                                    scale)
-    elif nd:
-        out[:nd] = _decode_attention(q[:nd], k_cache, v_cache, meta.block_tables[:nd],
-                                     meta.seq_lens[:nd], meta.seq_lens_list[:nd], scale)
-    start = nd  # decodes own the first nd tokens
-    for s in range(nd, meta.num_seqs):
+    @classmethod
+    def unsupported(cls, device, dtype, head_size, block_size):
+        return None
+
+    def forward(self, q, k, v, k_cache, v_cache, meta, scale):
+        write_kv_cache(k, v, k_cache, v_cache, meta.slot_mapping)
+        out = torch.empty_like(q)
+        nd = meta.num_decodes
+        if nd:
+            self.decode(out[:nd], q[:nd], k_cache, v_cache, meta, scale)
+        prefill_attention(out, q, k, k_cache, v, v_cache, meta, scale)
+        return out
+
+    def decode(self, out: torch.Tensor, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+               meta: AttentionMetadata, scale: float) -> None:
+        """The first meta.num_decodes sequences, one query token each, into out."""
+        nd = meta.num_decodes
+        out.copy_(_decode_attention(q, k_cache, v_cache, meta.block_tables[:nd], meta.seq_lens[:nd],
+                                    meta.seq_lens_list[:nd], scale))
+
+
+def prefill_attention(out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, k_cache: torch.Tensor, v: torch.Tensor,
+                      v_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> None:
+    """The chunks after the decodes, one by one (they are few and long), into out."""
+    start = meta.num_decodes  # decodes own the first num_decodes tokens
+    for s in range(meta.num_decodes, meta.num_seqs):
         ql, seq_len = meta.query_lens_list[s], meta.seq_lens_list[s]
         end = start + ql
         if ql == seq_len:  # nothing cached before this chunk: its own K/V are the whole context
@@ -68,7 +78,15 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
             vs = _gather(v_cache, meta.block_tables[s:s + 1], seq_len)[0, :seq_len].to(q.dtype)
         out[start:end] = _prefill_attention(q[start:end], ks, vs, scale)
         start = end
-    return out
+
+
+def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+                    v_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    """The layer op the model calls: meta's backend writes this step's K/V into the cache, then attends.
+
+    q: [T, Hq, D]; k, v: [T, Hkv, D]; caches: [N, block_size, Hkv, D]; returns [T, Hq, D].
+    """
+    return meta.backend.forward(q, k, v, k_cache, v_cache, meta, scale)
 
 
 def copy_blocks(kv_caches: list[tuple[torch.Tensor, torch.Tensor]], pairs: list[tuple[int, int]]) -> None:

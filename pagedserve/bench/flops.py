@@ -12,11 +12,25 @@ is comparable across engines doing the same requests.
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
-# bfloat16 matrix peak of this machine's 2 cores (AVX512-BF16), for orientation only;
-# issue 4 states it; it is not measured here.
-BF16_PEAK_GFLOPS = 370.0
+PEAK_GEMM_SIZE = 2048  # the matrix product measure_peak_gflops times: n x n times n x n
+
+
+def measure_peak_gflops(dtype, repeats: int = 5, n: int = PEAK_GEMM_SIZE) -> float:
+    """This machine's matrix peak in GFLOP/s: the best of `repeats` timed n^3 products in dtype (torch's
+    own GEMM, all of torch's threads), after one warm-up. The benchmarks print achieved GFLOP/s against it."""
+    import torch
+    a = torch.randn(n, n).to(dtype)
+    b = torch.randn(n, n).to(dtype)
+    torch.mm(a, b)
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        torch.mm(a, b)
+        best = min(best, time.perf_counter() - t)
+    return 2.0 * n ** 3 / best / 1e9
 
 
 @dataclass(frozen=True)

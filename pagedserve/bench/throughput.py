@@ -31,6 +31,7 @@ def run_engine(engine, items: list[WorkloadItem], temperature: float = 0.0, prog
     cached = {it.id: 0 for it in items}
     running_sum = blocks_sum = steps = max_running = 0
     num_blocks = engine.stats()["num_kv_blocks"]
+    engine.add_step_observer(lambda _: engine.kv_cache.record_step())  # the KV utilisation means
     load = LoadMonitor()
     t0 = time.perf_counter()
     for it in items:
@@ -46,7 +47,7 @@ def run_engine(engine, items: list[WorkloadItem], temperature: float = 0.0, prog
         running = len(engine.scheduler.running)
         running_sum += running
         max_running = max(max_running, running)
-        blocks_sum += engine.kv_cache.pool.num_used_blocks
+        blocks_sum += engine.kv_cache.num_used_blocks
         if profiler is not None:
             profiler.after_step(steps, f"{running} running, {len(engine.scheduler.waiting)} waiting")
         steps += 1

@@ -108,7 +108,7 @@ class KVCacheManager:
         if total > request.num_tokens:
             raise ValueError(f"request {rid}: cannot compute {total} tokens, it has {request.num_tokens}")
         have = len(blocks) + len(new_computed_blocks)
-        num_fresh = max(0, max(cdiv(total, B), self._reserved_blocks(request)) - have)
+        num_fresh = max(0, max(cdiv(total, B), self.reserved_blocks(request)) - have)
         # Copy-on-write: a shared block this step writes into is replaced by a private copy.
         written = range(num_computed // B, min(cdiv(total, B), len(blocks)))
         shared = [i for i in written if blocks[i].ref_cnt > 1]
@@ -141,7 +141,8 @@ class KVCacheManager:
         self.peak_blocks_used = max(self.peak_blocks_used, self.pool.num_used_blocks)
         return [b.block_id for b in taken]
 
-    def _reserved_blocks(self, request: Request) -> int:
+    def reserved_blocks(self, request: Request) -> int:
+        """Blocks the reservation policy holds for a request from admission on (0 when paged)."""
         if self.kv_reservation == "none":
             return 0
         if self.kv_reservation == "max_model_len":
@@ -219,6 +220,14 @@ class KVCacheManager:
     def num_free_blocks(self) -> int:
         return self.pool.num_free_blocks
 
+    @property
+    def num_blocks(self) -> int:
+        return self.pool.num_blocks
+
+    @property
+    def num_used_blocks(self) -> int:
+        return self.pool.num_used_blocks
+
     def reset_prefix_cache(self) -> int:
         return self.pool.reset_prefix_cache()
 
@@ -241,7 +250,8 @@ class KVCacheManager:
         return SlotUsage(token_states=stored, reserved=future - stored, fragmentation=len(filled) * B - future)
 
     def record_step(self) -> None:
-        """Add this step's usage to the means (called once per scheduled step)."""
+        """Add this step's usage to the means. It walks every block table: not on the engine's hot path, but
+        called by an observer (LLMEngine.add_step_observer) where a benchmark or the report wants the means."""
         usage = self.slot_usage()
         if usage.allocated == 0:
             return
@@ -249,10 +259,10 @@ class KVCacheManager:
         self._utilization_sum += usage.token_states / usage.allocated
         self.usage_sum += usage
 
-    def stats(self) -> dict:
-        usage = self.slot_usage()
+    def stats(self, detailed: bool = True) -> dict:
+        """The cache's numbers; detailed=False skips the ones that walk every block table (kv_tokens_stored)."""
         used = self.pool.num_used_blocks
-        return {
+        out = {
             "num_kv_blocks": self.pool.num_blocks,
             "block_size": self.block_size,
             "kv_blocks_used": used,
@@ -261,11 +271,13 @@ class KVCacheManager:
             "prefix_cache_queries": self.prefix_cache_queries,
             "prefix_cache_hits": self.prefix_cache_hits,
             "num_evictions": self.pool.num_evictions,
-            "kv_tokens_stored": usage.token_states,
             "kv_slots_allocated": used * self.block_size,
             "kv_utilization_mean": (self._utilization_sum / self.num_steps_recorded
                                     if self.num_steps_recorded else 0.0),
         }
+        if detailed:
+            out["kv_tokens_stored"] = self.slot_usage().token_states
+        return out
 
     # ---- invariants -------------------------------------------------------------------------
     def check_invariants(self, requests: Iterable[Request] = ()) -> None:

@@ -17,14 +17,21 @@
  * Built by pagedserve/attention/cpu_kernel.py with `cc -O3 -march=native` and no -ffast-math (the
  * float32 results must stay within 1e-5 of a float64 reference). Float reductions are written with
  * explicit vector lanes (GCC/Clang vector extensions), so they vectorize without reassociation and
- * sum in a fixed order. Threads come from a small persistent pthread pool (see run_jobs).
+ * sum in a fixed order. Threads come from torch's OpenMP team (see paged_decode).
  */
-#include <pthread.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
-#define LANES 16 /* floats per vector; the compiler splits them on narrower machines */
+/* Floats per vector: one register's worth. With AVX-512 that is 16; on AVX2 machines 16-lane vectors
+ * would be split in two and the per-chunk accumulators spill (measured 4-5x slower on a Zen 3). */
+#ifndef LANES
+#if defined(__AVX512F__)
+#define LANES 16
+#else
+#define LANES 8
+#endif
+#endif
 typedef float vfloat __attribute__((vector_size(LANES * 4)));
 typedef uint32_t vuint __attribute__((vector_size(LANES * 4)));
 typedef int32_t vint __attribute__((vector_size(LANES * 4)));
@@ -105,12 +112,16 @@ static inline __attribute__((always_inline)) vfloat load_tail(const void *row, i
 }
 
 static inline float hsum(vfloat v) { /* pairwise, fixed order */
-#if HAVE_SHUFFLE
+#if HAVE_SHUFFLE && LANES == 16
     typedef float v8 __attribute__((vector_size(32)));
     typedef float v4 __attribute__((vector_size(16)));
     v8 a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
            __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
     v4 b = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
+    return (b[0] + b[2]) + (b[1] + b[3]);
+#elif HAVE_SHUFFLE && LANES == 8
+    typedef float v4 __attribute__((vector_size(16)));
+    v4 b = __builtin_shufflevector(v, v, 0, 1, 2, 3) + __builtin_shufflevector(v, v, 4, 5, 6, 7);
     return (b[0] + b[2]) + (b[1] + b[3]);
 #else
     float s = 0.0f;
@@ -119,11 +130,11 @@ static inline float hsum(vfloat v) { /* pairwise, fixed order */
 #endif
 }
 
-/* Lane i of the result is hsum(p[i]) (same order, same bits): a 16 x 16 transpose folded into the
- * adds, 15 adds and 30 shuffles for 16 dot products instead of about 8 operations per hsum. */
-static inline vfloat sum16(const vfloat *p) {
-#if HAVE_SHUFFLE
+/* Lane i of the result is the sum of p[i]'s lanes: a LANES x LANES transpose folded into the adds
+ * (for 16 lanes: 15 adds and 30 shuffles for 16 dot products instead of about 8 operations per hsum). */
+static inline vfloat sum_lanes(const vfloat *p) {
 #define SH(x, y, ...) __builtin_shufflevector(x, y, __VA_ARGS__)
+#if HAVE_SHUFFLE && LANES == 16
     vfloat a[8], b[4], c[2];
     for (int i = 0; i < 8; i++) /* lanes 0-7: 8 partial sums of p[2i], 8-15: of p[2i+1] */
         a[i] = SH(p[2 * i], p[2 * i + 1], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
@@ -136,12 +147,19 @@ static inline vfloat sum16(const vfloat *p) {
                SH(b[2 * i], b[2 * i + 1], 2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30, 31);
     return SH(c[0], c[1], 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30) +
            SH(c[0], c[1], 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
-#undef SH
+#elif HAVE_SHUFFLE && LANES == 8
+    vfloat a[4], b[2];
+    for (int i = 0; i < 4; i++) /* lanes 0-3: 4 partial sums of p[2i], 4-7: of p[2i+1] */
+        a[i] = SH(p[2 * i], p[2 * i + 1], 0, 1, 2, 3, 8, 9, 10, 11) + SH(p[2 * i], p[2 * i + 1], 4, 5, 6, 7, 12, 13, 14, 15);
+    for (int i = 0; i < 2; i++) /* 2 lanes each for p[4i] .. p[4i+3] */
+        b[i] = SH(a[2 * i], a[2 * i + 1], 0, 1, 4, 5, 8, 9, 12, 13) + SH(a[2 * i], a[2 * i + 1], 2, 3, 6, 7, 10, 11, 14, 15);
+    return SH(b[0], b[1], 0, 2, 4, 6, 8, 10, 12, 14) + SH(b[0], b[1], 1, 3, 5, 7, 9, 11, 13, 15);
 #else
     vfloat r;
     for (int i = 0; i < LANES; i++) r[i] = hsum(p[i]);
     return r;
 #endif
+#undef SH
 }
 
 /* exp(x) for x <= 0 (scores minus their max), about 1 ulp (Cephes expf polynomial); x <= -87 -> 0. */
@@ -208,7 +226,7 @@ static inline __attribute__((always_inline)) void qk_rows(const char *const *row
     }
 #pragma GCC unroll 4
     for (int c = 0; c < C; c++) {
-        vfloat dots = sum16(part[c]);
+        vfloat dots = sum_lanes(part[c]);
         memcpy(sc + c * ld, &dots, sizeof dots);
     }
 }
@@ -383,78 +401,16 @@ static int decode_range(const DecodeArgs *a, int64_t begin, int64_t end) {
     return 0;
 }
 
-/* A persistent worker pool (pthreads, not OpenMP: torch ships its own OpenMP runtime, and two in one
- * process fight over the cores). Starting threads on every call measured about 10% slower. */
-typedef struct {
-    const DecodeArgs *a;
-    int64_t begin, end;
-    int rc;
-} Job;
-
 #define MAX_THREADS 64
-static struct {
-    pthread_mutex_t mu;
-    pthread_cond_t wake, done;
-    int started;         /* worker threads alive, all waiting on `wake` between calls */
-    Job *jobs;           /* this call's jobs; job 0 is the caller's */
-    int njobs, next, left; /* next job to take; jobs taken by workers and not finished */
-} pool = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, PTHREAD_COND_INITIALIZER, 0, NULL, 0, 0, 0};
-static pthread_mutex_t call_mu = PTHREAD_MUTEX_INITIALIZER; /* one call uses the pool at a time */
-static pthread_once_t atfork_once = PTHREAD_ONCE_INIT;
-
-static void *worker(void *arg) {
-    (void)arg;
-    pthread_mutex_lock(&pool.mu);
-    for (;;) {
-        while (pool.next >= pool.njobs) pthread_cond_wait(&pool.wake, &pool.mu);
-        Job *j = &pool.jobs[pool.next++];
-        pool.left++;
-        pthread_mutex_unlock(&pool.mu);
-        j->rc = decode_range(j->a, j->begin, j->end);
-        pthread_mutex_lock(&pool.mu);
-        if (--pool.left == 0 && pool.next >= pool.njobs) pthread_cond_signal(&pool.done);
-    }
-    return NULL;
-}
-
-static void reset_in_child(void) { /* a forked child has none of the parent's threads */
-    pthread_mutex_init(&pool.mu, NULL);
-    pthread_cond_init(&pool.wake, NULL);
-    pthread_cond_init(&pool.done, NULL);
-    pthread_mutex_init(&call_mu, NULL);
-    pool.started = pool.njobs = pool.next = pool.left = 0;
-}
-
-static void register_atfork(void) { pthread_atfork(NULL, NULL, reset_in_child); }
-
-/* Jobs [0, n) with the pool's help; the caller takes jobs too, so it finishes even with no workers. */
-static void run_jobs(Job *jobs, int n) {
-    pthread_once(&atfork_once, register_atfork);
-    pthread_mutex_lock(&pool.mu);
-    while (pool.started < n - 1) {
-        pthread_t t;
-        if (pthread_create(&t, NULL, worker, NULL) != 0) break;
-        pthread_detach(t);
-        pool.started++;
-    }
-    pool.jobs = jobs, pool.njobs = n, pool.next = 0, pool.left = 0;
-    pthread_cond_broadcast(&pool.wake);
-    while (pool.next < pool.njobs) {
-        Job *j = &pool.jobs[pool.next++];
-        pthread_mutex_unlock(&pool.mu);
-        j->rc = decode_range(j->a, j->begin, j->end);
-        pthread_mutex_lock(&pool.mu);
-    }
-    while (pool.left > 0) pthread_cond_wait(&pool.done, &pool.mu);
-    pool.jobs = NULL, pool.njobs = pool.next = 0;
-    pthread_mutex_unlock(&pool.mu);
-}
-
 #define UNIT_OVERHEAD 8             /* fixed cost of a unit, in context tokens */
 #define MIN_TOKENS_PER_THREAD 2048 /* context tokens x KV heads; less does not pay for waking a thread */
 
 /* The one entry point: all units on up to num_threads threads (the caller's included), in contiguous
- * ranges of about equal total context length. Returns 0, or -1 on an allocation failure. */
+ * ranges of about equal total context length. Returns 0, or -1 on an allocation failure.
+ *
+ * Threads come from OpenMP, built against the libgomp that torch already loaded (same soname), so the
+ * kernel runs on torch's own thread team instead of a private pool: two engines in one process share it
+ * as torch's own ops do, and torch's spin/yield settings (GOMP_SPINCOUNT) apply. */
 int paged_decode(const DecodeArgs *a, int num_threads) {
     const int Hkv = a->num_kv_heads;
     const int64_t units = (int64_t)a->num_seqs * Hkv;
@@ -464,19 +420,18 @@ int paged_decode(const DecodeArgs *a, int num_threads) {
     if (T > num_threads) T = num_threads;
     if (T > units) T = units;
     if (T > MAX_THREADS) T = MAX_THREADS;
-    if (T <= 1 || pthread_mutex_trylock(&call_mu) != 0) /* small, or another thread holds the pool */
-        return decode_range(a, 0, units);
+    if (T <= 1) return decode_range(a, 0, units);
 
-    Job jobs[MAX_THREADS];
+    int64_t bounds[MAX_THREADS + 1];
     int64_t u = 0, done = 0;
+    bounds[0] = 0;
     for (int64_t i = 0; i < T; i++) { /* range i ends once the running cost reaches (i + 1) / T of the total */
-        int64_t goal = total * (i + 1) / T, begin = u;
+        int64_t goal = total * (i + 1) / T;
         while (u < units && (i == T - 1 || done < goal)) done += a->seq_lens[u++ / Hkv] + UNIT_OVERHEAD;
-        jobs[i] = (Job){a, begin, u, 0};
+        bounds[i + 1] = u;
     }
-    run_jobs(jobs, (int)T);
-    pthread_mutex_unlock(&call_mu);
     int rc = 0;
-    for (int64_t i = 0; i < T; i++) rc |= jobs[i].rc;
+#pragma omp parallel for num_threads(T) schedule(static, 1) reduction(| : rc)
+    for (int64_t i = 0; i < T; i++) rc |= decode_range(a, bounds[i], bounds[i + 1]);
     return rc;
 }
