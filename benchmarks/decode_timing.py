@@ -13,17 +13,16 @@ the repeats (the machine may be shared) and the CPU time per call (the stable nu
 
 --forward times the whole decode forward of the default model (SmolLM2-135M-Instruct, all layers,
 bfloat16, uniform contexts as in benchmarks.forward_timing) with the kernel on and off
-(PAGEDSERVE_ATTENTION_KERNEL=torch), interleaved, minimum over the repeats.
+(the `cpu` and `torch` attention backends), interleaved, minimum over the repeats.
 """
 from __future__ import annotations
 
 import argparse
-import os
 import time
 
 import torch
 
-from pagedserve.attention import cpu_kernel
+from pagedserve.attention import cpu_kernel, select_backend
 from pagedserve.attention.torch_backend import _decode_attention
 
 HQ, HKV, D, BLOCK = 9, 3, 64, 16
@@ -81,22 +80,17 @@ def forward_ab(lm, batch: int, context: int, repeat: int) -> dict[str, float]:
     m = lm.model
     kv, meta, ids, pos, _ = _batch(lm.config, lm.dtype, batch, context, 1)
     best = {f"{name}_{clock}": float("inf") for name in ("kernel", "torch") for clock in ("wall", "cpu")}
-    old = os.environ.get(cpu_kernel.ENV_SWITCH)
-    try:
-        for r in range(repeat + 1):
-            for name in ("kernel", "torch"):
-                os.environ[cpu_kernel.ENV_SWITCH] = name
-                w, c = time.perf_counter(), time.process_time()
-                m(ids, pos, kv, meta)
-                w, c = time.perf_counter() - w, time.process_time() - c
-                if r:  # the first round warms up
-                    best[f"{name}_wall"] = min(best[f"{name}_wall"], w)
-                    best[f"{name}_cpu"] = min(best[f"{name}_cpu"], c)
-    finally:
-        if old is None:
-            del os.environ[cpu_kernel.ENV_SWITCH]
-        else:
-            os.environ[cpu_kernel.ENV_SWITCH] = old
+    backends = {"kernel": select_backend("cpu", "cpu", lm.dtype, lm.config.head_dim, meta.block_size),
+                "torch": select_backend("torch", "cpu", lm.dtype, lm.config.head_dim, meta.block_size)}
+    for r in range(repeat + 1):
+        for name in ("kernel", "torch"):
+            meta.backend = backends[name]
+            w, c = time.perf_counter(), time.process_time()
+            m(ids, pos, kv, meta)
+            w, c = time.perf_counter() - w, time.process_time() - c
+            if r:  # the first round warms up
+                best[f"{name}_wall"] = min(best[f"{name}_wall"], w)
+                best[f"{name}_cpu"] = min(best[f"{name}_cpu"], c)
     return best
 
 

@@ -22,7 +22,7 @@ from unittest import mock
 
 import torch
 
-from pagedserve.attention import AttentionMetadata
+from pagedserve.attention import AttentionMetadata, select_backend
 
 _LOAD_SNIPPET = """
 import time, torch
@@ -59,7 +59,8 @@ def _batch(cfg, dtype, num_seqs: int, context: int, new: int, block_size: int = 
     shape = (num_seqs * per_seq, block_size, cfg.num_key_value_heads, cfg.head_dim)
     kv = [(torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype)) for _ in range(cfg.num_hidden_layers)]
     tables = [list(range(i * per_seq, (i + 1) * per_seq)) for i in range(num_seqs)]
-    meta = AttentionMetadata.build(tables, [new] * num_seqs, [context] * num_seqs, block_size)
+    backend = select_backend("auto", "cpu", dtype, cfg.head_dim, block_size)  # as the engine picks it
+    meta = AttentionMetadata.build(tables, [new] * num_seqs, [context] * num_seqs, block_size, backend=backend)
     ids = torch.randint(0, cfg.vocab_size, (num_seqs * new,), generator=torch.Generator().manual_seed(0))
     positions = torch.arange(context - new, context).repeat(num_seqs)
     last = torch.arange(new - 1, num_seqs * new, new)  # each sequence's last token
