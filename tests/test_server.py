@@ -33,7 +33,18 @@ def running_server(model_dir: str, config: ServerConfig | None = None, tokenizer
     """The server `pagedserve serve` runs (build_server), in a thread on a free port; yields (base_url, AsyncEngine)."""
     config = config or ServerConfig()
     engine = AsyncEngine(LLMEngine(model=model_dir, **{**ENGINE, **engine_options}), max_waiting=config.max_waiting)
-    app = build_app(engine, config, tokenizer)
+    server, thread, sock, base = serve_in_thread(build_app(engine, config, tokenizer), config)
+    try:
+        yield base, engine
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        sock.close()
+
+
+def serve_in_thread(app, config: ServerConfig):
+    """build_server(app, config) started in a daemon thread on a free port, once it accepts connections.
+    Returns (server, thread, socket, base_url)."""
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     server = build_server(app, config, log_level="warning")
@@ -43,12 +54,7 @@ def running_server(model_dir: str, config: ServerConfig | None = None, tokenizer
     while not server.started:
         assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
         time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}", engine
-    finally:
-        server.should_exit = True
-        thread.join(10)
-        sock.close()
+    return server, thread, sock, f"http://127.0.0.1:{sock.getsockname()[1]}"
 
 
 def scrape(base: str, headers: dict | None = None) -> dict[str, float]:

@@ -21,8 +21,8 @@ from pagedserve.async_engine import AsyncEngine
 from pagedserve.engine import LLMEngine
 from pagedserve.server.app import build_app
 from pagedserve.server.args import ServerConfig
-from pagedserve.server.lifecycle import FINISH_MARGIN_S, build_server
-from test_server import ENGINE
+from pagedserve.server.lifecycle import FINISH_MARGIN_S
+from test_server import ENGINE, serve_in_thread
 
 GREEDY = {"prompt": "Hello", "temperature": 0.0, "ignore_eos": True}
 
@@ -48,16 +48,7 @@ def test_shutdown_drains_then_ends_the_rest(tiny_model_dir, tmp_path):
     # every step takes at least 20 ms: 240 tokens outlast the grace period, 20 do not
     engine.engine.runner.model.layers[0].register_forward_pre_hook(lambda *_: time.sleep(0.02))
     app = build_app(engine, config)
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    server = build_server(app, config, log_level="warning")
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline
-        time.sleep(0.02)
-    base = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    server, thread, sock, base = serve_in_thread(app, config)
     stopped_at = {}
 
     async def main():

@@ -5,7 +5,7 @@ The torch decode path gathers every sequence's K/V through its block table into 
 runs a masked SDPA; the kernel reads the paged cache in place. It is compiled once per machine with
 the system C compiler (no torch headers, no ninja: about a second) into a cache folder and loaded with
 ctypes, which releases the GIL during the call. It is built with OpenMP against the libgomp torch has
-already loaded, so its threads are torch's own team. The operator wrapper (torch.library.custom_op)
+already loaded, so its threads are torch's own team. The operator registration (torch.library)
 makes it visible to torch.profiler and opaque to torch.compile. Without a compiler, or when the build
 fails, one warning is logged and `available()` answers False; the `cpu` attention backend then cannot
 be chosen, and `auto` falls back to `torch`.
@@ -134,10 +134,9 @@ def supports(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
             and k_cache.dtype in _DTYPE_CODES and available())
 
 
-@torch.library.custom_op("pagedserve::paged_decode", mutates_args=("out",), device_types="cpu")
-def paged_decode(out: torch.Tensor, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                 block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float, num_threads: int) -> None:
-    """The kernel as a torch operator; see decode_attention for the arguments."""
+def _paged_decode(out: torch.Tensor, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                  block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float, num_threads: int) -> None:
+    """The kernel behind torch.ops.pagedserve.paged_decode; see decode_attention for the arguments."""
     args = DecodeArgs(
         q.data_ptr(), q.stride(0), q.stride(1), k_cache.data_ptr(), v_cache.data_ptr(),
         block_tables.data_ptr(), block_tables.stride(0), seq_lens.data_ptr(),
@@ -147,7 +146,15 @@ def paged_decode(out: torch.Tensor, q: torch.Tensor, k_cache: torch.Tensor, v_ca
         raise MemoryError("paged_decode: scratch allocation failed")
 
 
-@paged_decode.register_fake
+# Registered with torch.library's low-level API rather than the custom_op decorator: the decorator's
+# Python wrapper costs about 50 us a call (measured), 1.5 ms a step over 30 layers; this one about 10 us.
+_LIBRARY = torch.library.Library("pagedserve", "DEF")
+_LIBRARY.define("paged_decode(Tensor(a!) out, Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, "
+                "Tensor seq_lens, float scale, int num_threads) -> ()")
+_LIBRARY.impl("paged_decode", _paged_decode, "CPU")
+
+
+@torch.library.register_fake("pagedserve::paged_decode")
 def _(out, q, k_cache, v_cache, block_tables, seq_lens, scale, num_threads) -> None:
     return None
 

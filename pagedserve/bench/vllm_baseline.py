@@ -41,13 +41,17 @@ def hf_folder(model_path: str, cache_root: str | None = None) -> str:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     folder, name = os.path.dirname(model_path), os.path.basename(model_path)
     tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
-    if hasattr(model.config, "quantization_config"):
-        delattr(model.config, "quantization_config")  # the weights are plain tensors now; saving refuses it
-    tmp = Path(tempfile.mkdtemp(prefix=out.name + ".", dir=root if root.exists() else None))
+    loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    cfg = loaded.config
+    if hasattr(cfg, "quantization_config"):
+        delattr(cfg, "quantization_config")  # the weights are plain tensors now
+    # A model loaded from GGUF refuses to save itself: a fresh one from the config takes its weights.
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    model.load_state_dict(loaded.state_dict())
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=out.name + ".", dir=root))
     model.save_pretrained(tmp)
     tok.save_pretrained(tmp)
-    root.mkdir(parents=True, exist_ok=True)
     os.replace(tmp, out)
     return str(out)
 
@@ -59,18 +63,16 @@ def run_vllm_baseline(vllm_python: str, model_path: str, items: list[WorkloadIte
     kv_gib = max(1, math.ceil(parse_memory(config.kv_cache_memory) / (1 << 30)))
     threads = config.num_threads or os.cpu_count() or 1
     env = {**os.environ, "VLLM_CPU_OMP_THREADS_BIND": f"0-{threads - 1}"}
-    with tempfile.NamedTemporaryFile("w", suffix=".jsonl", delete=False) as f:
-        for it in items:
-            f.write(json.dumps({"id": it.id, "prompt_token_ids": it.prompt_token_ids, "max_tokens": it.max_tokens}) + "\n")
-    cmd = [vllm_python, str(RUNNER), "--workload", f.name, "--model", folder, "--dtype", dtype_name,
-           "--kv-gib", str(kv_gib), "--max-model-len", str(max_model_len),
-           "--max-num-seqs", str(config.max_num_seqs), "--max-num-batched-tokens", str(config.max_num_batched_tokens)]
-    if not config.enable_prefix_caching:
-        cmd.append("--no-prefix-caching")
-    try:
+    with tempfile.TemporaryDirectory(prefix="pagedserve-vllm-") as tmp:
+        # The runner runs from a folder of its own: next to this package's modules, its folder on sys.path
+        # would shadow the standard library's (bench/profile.py hides `profile`, which torch imports).
+        runner = Path(tmp) / RUNNER.name
+        runner.write_text(RUNNER.read_text())
+        workload = Path(tmp) / "workload.jsonl"
+        workload.write_text("".join(json.dumps({"id": it.id, "prompt_token_ids": it.prompt_token_ids,
+                                                "max_tokens": it.max_tokens}) + "\n" for it in items))
+        cmd = _command(vllm_python, runner, workload, folder, dtype_name, kv_gib, max_model_len, config)
         res = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
-    finally:
-        os.unlink(f.name)
     lines = [line for line in res.stdout.splitlines() if line.startswith("{")]
     if res.returncode != 0 or not lines:
         tail = (res.stderr or res.stdout).strip()[-2000:]
@@ -81,3 +83,13 @@ def run_vllm_baseline(vllm_python: str, model_path: str, items: list[WorkloadIte
     out.update(command=cmd, model_folder=folder, omp_threads_bind=env["VLLM_CPU_OMP_THREADS_BIND"],
                kv_cache_memory_ours=str(config.kv_cache_memory))
     return out
+
+
+def _command(vllm_python: str, runner: Path, workload: Path, folder: str, dtype_name: str, kv_gib: int,
+             max_model_len: int, config: EngineConfig) -> list[str]:
+    cmd = [vllm_python, str(runner), "--workload", str(workload), "--model", folder, "--dtype", dtype_name,
+           "--kv-gib", str(kv_gib), "--max-model-len", str(max_model_len),
+           "--max-num-seqs", str(config.max_num_seqs), "--max-num-batched-tokens", str(config.max_num_batched_tokens)]
+    if not config.enable_prefix_caching:
+        cmd.append("--no-prefix-caching")
+    return cmd
