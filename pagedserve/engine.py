@@ -191,11 +191,11 @@ class LLMEngine:
         if sched.is_empty:
             return []
         self.num_steps += 1
-        for observe in self._step_observers:
-            observe(sched)
         # Every group of the step fails with it, even one that finished in it: its output is never returned.
         groups = list(dict.fromkeys(self._seq_owner[s.request_id][0].request_id for s in sched.sequences))
         try:
+            for observe in self._step_observers:
+                observe(sched)
             return self._run_step(sched)
         except BaseException as e:
             self.scheduler.abort_step()
