@@ -139,6 +139,57 @@ def test_a_body_still_dribbling_after_a_401_is_cut_off(tiny_model_dir):
     assert answer.startswith(b"HTTP/1.1 401") and sent < 100  # closed soon after the timeout, not held
 
 
+def read_response(sock: socket.socket) -> bytes:
+    """One whole response with a content-length (head and body), however the bytes arrive."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        data += sock.recv(65536)
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = int(next(line.split(b":")[1] for line in head.lower().split(b"\r\n") if line.startswith(b"content-length")))
+    while len(body) < length:
+        body += sock.recv(65536)
+    return head + b"\r\n\r\n" + body
+
+
+def test_a_body_finished_after_a_401_then_silence_is_closed(tiny_model_dir, tmp_path):
+    """The body completes after the early 401, then the client goes quiet: the connection is back to
+    waiting for a request, on the header clock (not held forever, not answered twice)."""
+    audit = tmp_path / "audit.jsonl"
+    config = flags("--api-key", "sk-real", "--header-read-timeout", str(TIMEOUT_S),
+                   "--body-read-timeout", "30", "--audit-log", str(audit))
+    with running_server(tiny_model_dir, config) as (base, _):
+        host, port = base.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port))) as sock:
+            sock.sendall(HEAD + b"transfer-encoding: chunked\r\n\r\n")
+            sock.settimeout(10)
+            assert read_response(sock).startswith(b"HTTP/1.1 401")
+            sock.sendall(b"1\r\nx\r\n0\r\n\r\n")  # the rest of the body, then nothing
+            start = time.monotonic()
+            rest = b""
+            while chunk := sock.recv(65536):
+                rest += chunk
+            waited = time.monotonic() - start
+        assert rest == b"" and waited < 9  # closed by the header timeout, nothing more said
+    assert [r["status_code"] for r in audit_records(str(audit))] == [401]
+
+
+def test_a_malformed_body_after_a_401_gets_no_second_answer(tiny_model_dir, tmp_path):
+    audit = tmp_path / "audit.jsonl"
+    config = flags("--api-key", "sk-real", "--audit-log", str(audit))
+    with running_server(tiny_model_dir, config) as (base, _):
+        host, port = base.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port))) as sock:
+            sock.sendall(HEAD + b"transfer-encoding: chunked\r\n\r\n")
+            sock.settimeout(10)
+            assert read_response(sock).startswith(b"HTTP/1.1 401")
+            sock.sendall(b"zz-not-a-chunk-size\r\n")
+            rest = b""
+            while chunk := sock.recv(65536):
+                rest += chunk
+        assert rest == b""  # closed, without a raw 400 on top of the 401
+    assert [r["status_code"] for r in audit_records(str(audit))] == [401]
+
+
 def test_malformed_request_gets_an_openai_400_and_a_line(strict):
     host, port, audit = strict
     before = len(audit_records(audit))

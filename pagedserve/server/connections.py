@@ -43,6 +43,7 @@ class LimitedH11Protocol(H11Protocol):
         self.access_log = False
         self._header_timer: asyncio.TimerHandle | None = None
         self._partial = False  # bytes of a request whose headers are not complete yet
+        self._answered_early = False  # this request was answered before its body was read (a 401)
         self._unread_body_timer: asyncio.TimerHandle | None = None
 
     # the app a request runs: uvicorn reads self.app when a request's headers are complete
@@ -92,6 +93,12 @@ class LimitedH11Protocol(H11Protocol):
         super().data_received(data)
         if self.conn.their_state is not h11.IDLE:  # its headers are complete
             self._disarm()
+        elif self._header_timer is None and not self.transport.is_closing():
+            # Back to waiting for a request within this call (a body finished after an early answer):
+            # uvicorn arms no timer of its own here, so the next request's headers go on the clock.
+            self._answered_early = False
+            self._arm()
+            self._partial = bool(self.conn.trailing_data[0])
         if self.conn.their_state is not h11.SEND_BODY:
             self._stop_unread_body_timer()
 
@@ -104,7 +111,8 @@ class LimitedH11Protocol(H11Protocol):
             self._arm()
             self._partial = True
         # answered before its body was read (a 401): the rest may follow, but not forever
-        if self.conn.their_state is h11.SEND_BODY and self.body_timeout is not None:
+        self._answered_early = self.conn.their_state is h11.SEND_BODY
+        if self._answered_early and self.body_timeout is not None:
             self._stop_unread_body_timer()
             self._unread_body_timer = self.loop.call_later(self.body_timeout, self._unread_body_timed_out)
 
@@ -143,7 +151,8 @@ class LimitedH11Protocol(H11Protocol):
     def send_400_response(self, msg: str) -> None:
         """A request h11 cannot parse (malformed, or headers over h11's size limit)."""
         self._disarm()
-        if self.cycle is None or self.cycle.response_complete:  # no request of the app's to answer it
+        # Answer only a request nobody answered: a malformed body after an early answer (a 401) just closes.
+        if (self.cycle is None or self.cycle.response_complete) and not self._answered_early:
             error = OpenAIError(400, f"invalid HTTP request: {msg}", "invalid_request_error",
                                 code="invalid_http_request")
             self._answer_raw(error)
