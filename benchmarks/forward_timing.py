@@ -70,6 +70,7 @@ def _batch(cfg, dtype, num_seqs: int, context: int, new: int, block_size: int = 
 def run(model: str | None, dtypes: list[str], decode_batches: list[int], context: int, prefill: int,
         repeat: int) -> list[str]:
     from pagedserve.model import load_model
+    from pagedserve.model.packed_linear import pack_linears
 
     rows = ["| dtype | load (s) | batch | tokens | forward (ms) | attention (ms) | +logits (ms) | tokens/s "
             "| weights GB/s | GFLOP/s |",
@@ -81,6 +82,7 @@ def run(model: str | None, dtypes: list[str], decode_batches: list[int], context
         body = [p for n, p in m.named_parameters() if n.startswith("layers.") and p.dim() == 2]
         body_bytes = sum(p.numel() * p.element_size() for p in body)
         body_params = sum(p.numel() for p in body)
+        pack_linears(m, lm.dtype, lm.device)  # as the engine's runner does: the forward the engine runs
         cases = [(f"decode x{b}, ctx {context}", b, context, 1) for b in decode_batches]
         cases.append((f"prefill {prefill}", 1, prefill, prefill))
         for label, num_seqs, ctx, new in cases:

@@ -16,7 +16,7 @@ from pagedserve.config import EngineConfig
 from pagedserve.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
-    from pagedserve.engine import LLMEngine
+    from pagedserve.engine import LLMEngine, StepError
 
 HELP = "Type a message and press Enter. /reset starts a new conversation, /exit (or Ctrl-D, Ctrl-C) quits."
 # What the chat samples with when the model ships no sampling settings: a common chat setting,
@@ -117,7 +117,7 @@ def interactive_chat(config: EngineConfig, sampling: dict | None = None, system:
 
     sampling: the SamplingParams fields the user chose (flags given); the rest come from the model.
     """
-    from pagedserve.engine import LLMEngine
+    from pagedserve.engine import LLMEngine, StepError
     from pagedserve.tokenizer import apply_chat_template
 
     engine = LLMEngine(config)
@@ -146,6 +146,10 @@ def interactive_chat(config: EngineConfig, sampling: dict | None = None, system:
         except ValueError as e:  # refused before it started: the conversation outgrew the window or pool
             messages.pop()
             out.write(f"[not sent: {e}; /reset starts a new conversation]\n")
+            continue
+        except StepError as e:  # the engine aborted this answer (a failed step) and goes on
+            messages.pop()
+            out.write(f"\n[failed: {e}; the conversation goes on without it]\n")
             continue
         messages.append({"role": "assistant", "content": text})
         note = stop_note(last, num_tokens, params, engine.max_model_len)

@@ -190,10 +190,11 @@ class LLMEngine:
         sched = self.scheduler.schedule()
         if sched.is_empty:
             return []
-        self.num_steps += 1
-        # Every group of the step fails with it, even one that finished in it: its output is never returned.
-        groups = list(dict.fromkeys(self._seq_owner[s.request_id][0].request_id for s in sched.sequences))
-        try:
+        groups: list[str] = []
+        try:  # from here on, whatever is raised (Ctrl-C included) leaves no step in flight
+            self.num_steps += 1
+            # Every group of the step fails with it, even one that finished in it: its output is never returned.
+            groups = list(dict.fromkeys(self._seq_owner[s.request_id][0].request_id for s in sched.sequences))
             for observe in self._step_observers:
                 observe(sched)
             return self._run_step(sched)

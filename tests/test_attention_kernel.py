@@ -215,3 +215,9 @@ def test_threaded_calls_survive_fork():
         os.kill(pid, signal.SIGKILL)
         os.waitpid(pid, 0)
     assert res[0] == pid and os.waitstatus_to_exitcode(res[1]) == 0
+
+
+def test_the_kernel_shares_torchs_openmp_runtime():
+    """Built with -fopenmp, the kernel must bind to the libgomp torch loaded (same soname), not a second one."""
+    assert cpu_kernel.available()
+    assert len(cpu_kernel.openmp_runtimes()) == 1

@@ -213,3 +213,19 @@ def test_pagedserve_chat_on_a_terminal_exits_cleanly_on_ctrl_c(tiny_model_dir):
     shown, rc = _run_on_a_terminal(argv, b"\n> ", [b"Hello\r", b"\x03"])
     assert rc == 0, shown
     assert "prompt tokens" in shown and "Traceback" not in shown and "KeyboardInterrupt" not in shown
+
+
+def test_a_failed_step_ends_that_answer_not_the_chat(tiny_model_dir, monkeypatch):
+    from pagedserve.engine import LLMEngine
+    real, calls = LLMEngine._run_step, {"n": 0}
+
+    def flaky(self, sched):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise RuntimeError("injected fault")
+        return real(self, sched)
+
+    monkeypatch.setattr(LLMEngine, "_run_step", flaky)
+    text = _chat(tiny_model_dir, "Hello\nAgain\n/exit\n", {"max_tokens": 4, "temperature": 0})
+    failed, second = text.split("[failed: RuntimeError: injected fault; the conversation goes on without it]")
+    assert "prompt tokens" in second  # the next message is answered as usual

@@ -35,13 +35,14 @@ def _run(engine: LLMEngine, prompts: list[list[int]]) -> list[list[int]]:
 
 
 def test_each_backend_gives_the_same_greedy_tokens(tiny_model_dir):
+    if not cpu_kernel.available():
+        pytest.skip("the kernel did not build")
     prompts = _prompts(6)
     # a small step budget mixes decodes and prefill chunks in one step
     runs = {name: _run(LLMEngine(model=tiny_model_dir, attention_backend=name, max_num_batched_tokens=48, **OPTIONS),
                        prompts) for name in ("torch", "cpu")}
     assert runs["torch"] == runs["cpu"]
-    auto = LLMEngine(model=tiny_model_dir, **OPTIONS)
-    assert auto.runner.backend.name == ("cpu" if cpu_kernel.available() else "torch")
+    assert LLMEngine(model=tiny_model_dir, **OPTIONS).runner.backend.name == "cpu"
 
 
 def test_the_backend_is_validated_at_start_up(tiny_model_dir):
@@ -95,7 +96,7 @@ def test_the_engine_reserves_a_null_block_no_request_gets(tiny_model_dir):
 def test_slot_accounting_runs_only_under_an_observer(tiny_model_dir):
     engine = LLMEngine(model=tiny_model_dir, **OPTIONS)
     _run(engine, _prompts(3))
-    assert engine.kv_cache.num_steps_recorded == 0 and engine.stats()["kv_utilization_mean"] == 0.0
+    assert engine.kv_cache.num_steps_recorded == 0 and engine.stats()["kv_utilization_mean"] is None
     observed = LLMEngine(model=tiny_model_dir, **OPTIONS)
     seen = []
     observed.add_step_observer(lambda sched: (seen.append(len(sched.sequences)), observed.kv_cache.record_step()))

@@ -41,6 +41,11 @@ class GatedTokenizer:
             self.released_by_gate = self.gate.wait(20)
         return self._tokenizer.encode(text, *args, **kwargs)
 
+    def apply_chat_template(self, conversation, *args, **kwargs):
+        # Records the conversation's text length: templating a chat is tokenizing it too.
+        self.encoded_lengths.append(sum(len(str(m.get("content", ""))) for m in conversation))
+        return self._tokenizer.apply_chat_template(conversation, *args, **kwargs)
+
 
 @pytest.fixture(scope="module")
 def gated(tiny_model_dir, tmp_path_factory):
@@ -250,3 +255,22 @@ def test_a_failed_step_is_a_500_for_its_request_only(gated, caplog):
     records = audit_records(audit)[before:]
     assert [(r["status_code"], r["error"]) for r in records] == [
         (500, "request_failed"), (500, "request_failed"), (200, None)]
+
+
+def test_a_bug_mid_stream_ends_the_stream_as_an_openai_500(gated, caplog, monkeypatch):
+    """Not a client disconnect (499): an OpenAI-shaped error event, [DONE], and a 500 in the audit."""
+    from pagedserve.server.serving import OpenAIServing
+    base, _, _, audit = gated
+    before = len(audit_records(audit))
+
+    def broken(*_args):
+        raise KeyError("a bug")
+
+    monkeypatch.setattr(OpenAIServing, "_delta_choices", broken)
+    body = {"prompt": "Hello", "max_tokens": 4, "temperature": 0.0, "stream": True}
+    with caplog.at_level(logging.CRITICAL, logger="pagedserve.server"), \
+            httpx.stream("POST", f"{base}/v1/completions", json=body, timeout=60) as r:
+        assert r.status_code == 200
+        events = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]" and json.loads(events[-2])["error"]["code"] == "internal_error"
+    assert [(x["status_code"], x["error"]) for x in audit_records(audit)[before:]] == [(500, "internal_error")]

@@ -38,13 +38,23 @@ LIBS: list[str] = []
 _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}  # the C side's *_bf16 flags
 
 
-class _ForkState:
-    """libgomp's thread team does not survive fork(): a forked child that enters a parallel region after
-    its parent did waits forever for threads that do not exist. Such a child runs the kernel on one thread."""
-    in_child = False
+class _OneThread:
+    """When the kernel must run on one thread: in a forked child (libgomp's thread team does not survive
+    fork(): a child entering a parallel region after its parent did waits forever for threads that do not
+    exist), or when the kernel did not get torch's own OpenMP runtime (two runtimes fight over the cores)."""
+    forced = False
 
 
-os.register_at_fork(after_in_child=lambda: setattr(_ForkState, "in_child", True))
+os.register_at_fork(after_in_child=lambda: setattr(_OneThread, "forced", True))
+
+
+def openmp_runtimes() -> set[str]:
+    """The OpenMP runtime files mapped into this process (Linux; empty elsewhere)."""
+    try:
+        with open("/proc/self/maps") as f:
+            return {line.split()[-1] for line in f if "libgomp" in line or "libiomp" in line or "libomp" in line}
+    except OSError:
+        return set()
 
 
 class DecodeArgs(ctypes.Structure):
@@ -120,6 +130,11 @@ def load_library() -> ctypes.CDLL | None:
         return None
     lib.paged_decode.argtypes = [ctypes.POINTER(DecodeArgs), ctypes.c_int]
     lib.paged_decode.restype = ctypes.c_int
+    runtimes = openmp_runtimes()
+    if len(runtimes) > 1:  # this torch build's libgomp has another name: ours loaded a second runtime
+        log.warning("the decode kernel loaded a second OpenMP runtime beside torch's (%s); it runs on one "
+                    "thread", ", ".join(sorted(runtimes)))
+        _OneThread.forced = True
     return lib
 
 
@@ -182,5 +197,5 @@ def decode_attention(out: torch.Tensor, q: torch.Tensor, k_cache: torch.Tensor, 
     if block_tables.stride(1) != 1:
         block_tables = block_tables.contiguous()
     seq_lens = seq_lens.to(torch.int64).contiguous()
-    threads = 1 if _ForkState.in_child else (num_threads or torch.get_num_threads())
+    threads = 1 if _OneThread.forced else (num_threads or torch.get_num_threads())
     torch.ops.pagedserve.paged_decode(out, q, k_cache, v_cache, block_tables, seq_lens, scale, threads)

@@ -272,8 +272,9 @@ class KVCacheManager:
             "prefix_cache_hits": self.prefix_cache_hits,
             "num_evictions": self.pool.num_evictions,
             "kv_slots_allocated": used * self.block_size,
+            # Only where an observer records steps (record_step); None rather than a misleading 0.
             "kv_utilization_mean": (self._utilization_sum / self.num_steps_recorded
-                                    if self.num_steps_recorded else 0.0),
+                                    if self.num_steps_recorded else None),
         }
         if detailed:
             out["kv_tokens_stored"] = self.slot_usage().token_states

@@ -6,6 +6,7 @@ chat templates, decoding) runs on the TextWorker's thread, never on the event lo
 """
 from __future__ import annotations
 
+import logging
 import time
 import uuid
 from dataclasses import dataclass
@@ -29,6 +30,8 @@ from pagedserve.server.protocol import (ChatCompletionRequest, CompletionRequest
 from pagedserve.server.streams import ClientDisconnected, MergedStreams
 from pagedserve.server.text import TextWorker
 
+
+logger = logging.getLogger("pagedserve.server")
 
 @dataclass
 class _Job:
@@ -293,6 +296,13 @@ class OpenAIServing:
             pass
         except (EngineDeadError, RequestFailedError) as e:
             error = engine_error(e)
+            yield R.sse(error.body())
+            yield R.sse("[DONE]")
+            status, error_code = error.status, error.code
+        except Exception:  # a bug of ours mid-stream: the client still gets an OpenAI-shaped end, the log the 500
+            logger.exception("a streamed response failed")
+            error = OpenAIError(500, "the server failed while streaming this response", "server_error",
+                                code="internal_error")
             yield R.sse(error.body())
             yield R.sse("[DONE]")
             status, error_code = error.status, error.code
