@@ -151,43 +151,38 @@ def read_response(sock: socket.socket) -> bytes:
     return head + b"\r\n\r\n" + body
 
 
-def test_a_body_finished_after_a_401_then_silence_is_closed(tiny_model_dir, tmp_path):
-    """The body completes after the early 401, then the client goes quiet: the connection is back to
-    waiting for a request, on the header clock (not held forever, not answered twice)."""
+def after_an_early_401(tiny_model_dir: str, tmp_path, then: bytes, *flag_args: str) -> tuple[bytes, float, list]:
+    """A chunked POST without a key gets its 401 before its body is read; the client then sends `then` and
+    waits. Returns (whatever the server sent after the 401, seconds until it closed, audit statuses)."""
     audit = tmp_path / "audit.jsonl"
-    config = flags("--api-key", "sk-real", "--header-read-timeout", str(TIMEOUT_S),
-                   "--body-read-timeout", "30", "--audit-log", str(audit))
+    config = flags("--api-key", "sk-real", "--audit-log", str(audit), *flag_args)
     with running_server(tiny_model_dir, config) as (base, _):
         host, port = base.removeprefix("http://").split(":")
         with socket.create_connection((host, int(port))) as sock:
             sock.sendall(HEAD + b"transfer-encoding: chunked\r\n\r\n")
             sock.settimeout(10)
             assert read_response(sock).startswith(b"HTTP/1.1 401")
-            sock.sendall(b"1\r\nx\r\n0\r\n\r\n")  # the rest of the body, then nothing
-            start = time.monotonic()
-            rest = b""
+            sock.sendall(then)
+            start, rest = time.monotonic(), b""
             while chunk := sock.recv(65536):
                 rest += chunk
             waited = time.monotonic() - start
-        assert rest == b"" and waited < 9  # closed by the header timeout, nothing more said
-    assert [r["status_code"] for r in audit_records(str(audit))] == [401]
+    return rest, waited, [r["status_code"] for r in audit_records(str(audit))]
+
+
+def test_a_body_finished_after_a_401_then_silence_is_closed(tiny_model_dir, tmp_path):
+    """The body completes after the early 401, then the client goes quiet: the connection is back to
+    waiting for a request, on the header clock (not held forever, not answered twice)."""
+    rest, waited, statuses = after_an_early_401(
+        tiny_model_dir, tmp_path, b"1\r\nx\r\n0\r\n\r\n",  # the rest of the body, then nothing
+        "--header-read-timeout", str(TIMEOUT_S), "--body-read-timeout", "30")
+    assert rest == b"" and waited < 9  # closed by the header timeout, nothing more said
+    assert statuses == [401]
 
 
 def test_a_malformed_body_after_a_401_gets_no_second_answer(tiny_model_dir, tmp_path):
-    audit = tmp_path / "audit.jsonl"
-    config = flags("--api-key", "sk-real", "--audit-log", str(audit))
-    with running_server(tiny_model_dir, config) as (base, _):
-        host, port = base.removeprefix("http://").split(":")
-        with socket.create_connection((host, int(port))) as sock:
-            sock.sendall(HEAD + b"transfer-encoding: chunked\r\n\r\n")
-            sock.settimeout(10)
-            assert read_response(sock).startswith(b"HTTP/1.1 401")
-            sock.sendall(b"zz-not-a-chunk-size\r\n")
-            rest = b""
-            while chunk := sock.recv(65536):
-                rest += chunk
-        assert rest == b""  # closed, without a raw 400 on top of the 401
-    assert [r["status_code"] for r in audit_records(str(audit))] == [401]
+    rest, _, statuses = after_an_early_401(tiny_model_dir, tmp_path, b"zz-not-a-chunk-size\r\n")
+    assert rest == b"" and statuses == [401]  # closed, without a raw 400 on top of the 401
 
 
 def test_malformed_request_gets_an_openai_400_and_a_line(strict):
