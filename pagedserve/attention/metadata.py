@@ -92,8 +92,9 @@ class MetadataBuilder:
         table = self._table_buffer(S, max(lens, default=1) or 1)
         flat = torch.tensor(list(itertools.chain.from_iterable(block_tables)), dtype=torch.int64)
         if flat.numel():
-            rows = torch.repeat_interleave(torch.arange(S), torch.tensor(lens))
-            first = torch.tensor(lens).cumsum(0) - torch.tensor(lens)  # each row's offset into flat
+            lens_t = torch.tensor(lens)
+            rows = torch.repeat_interleave(torch.arange(S), lens_t)
+            first = lens_t.cumsum(0) - lens_t  # each row's offset into flat
             cols = torch.arange(flat.numel()) - first[rows]
             table[rows.to(dev), cols.to(dev)] = flat.to(dev)
         qlens = torch.tensor(query_lens, dtype=torch.int64, device=dev)

@@ -52,7 +52,7 @@ class TorchBackend(AttentionBackend):
         nd = meta.num_decodes
         if nd:
             self.decode(out[:nd], q[:nd], k_cache, v_cache, meta, scale)
-        prefill_attention(out, q, k, k_cache, v, v_cache, meta, scale)
+        prefill_attention(out, q, k, v, k_cache, v_cache, meta, scale)
         return out
 
     def decode(self, out: torch.Tensor, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -63,7 +63,7 @@ class TorchBackend(AttentionBackend):
                                     meta.seq_lens_list[:nd], scale))
 
 
-def prefill_attention(out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, k_cache: torch.Tensor, v: torch.Tensor,
+def prefill_attention(out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                       v_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> None:
     """The chunks after the decodes, one by one (they are few and long), into out."""
     start = meta.num_decodes  # decodes own the first num_decodes tokens
