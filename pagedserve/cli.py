@@ -5,7 +5,7 @@ import argparse
 import dataclasses
 import sys
 
-from pagedserve.config import ATTENTION_BACKENDS, DTYPES, KV_RESERVATIONS, EngineConfig
+from pagedserve.config import ATTENTION_BACKENDS, DTYPES, KV_RESERVATIONS, QUANTIZATIONS, EngineConfig
 
 ENGINE_HELP = {
     "model": "Hugging Face model folder or .gguf file",
@@ -25,6 +25,9 @@ ENGINE_HELP = {
     "num_threads": "torch CPU threads",
     "attention_backend": "paged-attention implementation: auto | torch | cpu (auto: cpu, the fused C decode "
                          "kernel, where it builds; torch, the reference, elsewhere)",
+    "quantization": "none: a GGUF model is dequantized into --dtype at load; gguf: its Q4_0/Q4_1/Q8_0 weights "
+                    "stay quantized and decode reads them through a C kernel (CPU; activations rounded to int8 "
+                    "per 32 values, as llama.cpp does)",
 }
 # What an engine option left unset (None) means, for --help.
 ENGINE_UNSET = {
@@ -69,7 +72,7 @@ def add_engine_args(parser: argparse.ArgumentParser, **defaults) -> None:
             g.add_argument(flag, type=int, default=default, help=text)
         else:
             choices = {"dtype": DTYPES, "kv_reservation": KV_RESERVATIONS,
-                       "attention_backend": ATTENTION_BACKENDS}.get(f.name)
+                       "attention_backend": ATTENTION_BACKENDS, "quantization": QUANTIZATIONS}.get(f.name)
             g.add_argument(flag, default=default, choices=choices, help=text)
 
 

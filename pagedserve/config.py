@@ -8,6 +8,7 @@ from dataclasses import dataclass
 KV_RESERVATIONS = ("none", "request", "max_model_len")
 ATTENTION_BACKENDS = ("auto", "torch", "cpu")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+QUANTIZATIONS = ("none", "gguf")
 
 _UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1000, "kib": 1 << 10, "m": 1 << 20, "mb": 1000**2,
           "mib": 1 << 20, "g": 1 << 30, "gb": 1000**3, "gib": 1 << 30}
@@ -42,12 +43,15 @@ class EngineConfig:
     seed: int = 0                     # seed for requests that bring none
     num_threads: int | None = None    # torch CPU threads; None: torch's default
     attention_backend: str = "auto"   # auto | torch | cpu: the paged-attention implementation
+    quantization: str = "none"        # none | gguf: keep a GGUF's Q4_0/Q4_1/Q8_0 weights quantized (CPU)
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
         if self.attention_backend not in ATTENTION_BACKENDS:
             raise ValueError(f"attention_backend must be one of {ATTENTION_BACKENDS}, got {self.attention_backend!r}")
+        if self.quantization not in QUANTIZATIONS:
+            raise ValueError(f"quantization must be one of {QUANTIZATIONS}, got {self.quantization!r}")
         if self.kv_reservation not in KV_RESERVATIONS:
             raise ValueError(f"kv_reservation must be one of {KV_RESERVATIONS}, got {self.kv_reservation!r}")
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):

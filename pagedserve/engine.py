@@ -93,7 +93,8 @@ class LLMEngine:
         self.config = config
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
-        loaded = load_model(config.model, dtype=config.dtype, device=config.device, tokenizer=config.tokenizer)
+        loaded = load_model(config.model, dtype=config.dtype, device=config.device, tokenizer=config.tokenizer,
+                            quantization=config.quantization)
         self.loaded = loaded
         self.tokenizer = loaded.tokenizer
         self.model_config = mc = loaded.config

@@ -11,6 +11,7 @@ import pytest
 import torch
 from test_attention import MIXED, dense_reference, make_batch, rel_err
 
+from pagedserve import native
 from pagedserve.attention import cpu_kernel, paged_attention, select_backend, torch_backend
 
 
@@ -166,11 +167,11 @@ def fresh_build(monkeypatch, tmp_path):
 
 
 def test_build_is_cached_per_machine(fresh_build, monkeypatch):
-    so = cpu_kernel.build(cpu_kernel.compiler(), cpu_kernel.cache_dir())
+    so = native.build(cpu_kernel.SOURCE, native.compiler(), native.cache_dir())
     assert so.parent == fresh_build / "pagedserve" / "kernels" and so.suffix == ".so"
     assert [p.name for p in so.parent.iterdir()] == [so.name]  # no temporary left behind
-    monkeypatch.setattr(cpu_kernel.subprocess, "run", None)  # a second build must not compile again
-    assert cpu_kernel.build(cpu_kernel.compiler(), cpu_kernel.cache_dir()) == so
+    monkeypatch.setattr(native.subprocess, "run", None)  # a second build must not compile again
+    assert native.build(cpu_kernel.SOURCE, native.compiler(), native.cache_dir()) == so
     assert cpu_kernel.load_library() is not None
 
 
@@ -220,4 +221,4 @@ def test_threaded_calls_survive_fork():
 def test_the_kernel_shares_torchs_openmp_runtime():
     """Built with -fopenmp, the kernel must bind to the libgomp torch loaded (same soname), not a second one."""
     assert cpu_kernel.available()
-    assert len(cpu_kernel.openmp_runtimes()) == 1
+    assert len(native.openmp_runtimes()) == 1

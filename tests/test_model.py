@@ -13,7 +13,7 @@ from typing import Any, NamedTuple
 import pytest
 import torch
 
-from conftest import CHAT_TEMPLATE, build_tiny_hf_model
+from conftest import build_tiny_hf_model, write_tiny_gguf
 from pagedserve.attention import AttentionMetadata
 from pagedserve.model import (LlamaForCausalLM, ModelConfig, default_model_path, load_model, resolve_dtype)
 from pagedserve.model.gguf_file import GGUFFile, GGUFPackageFile, config_from_gguf, unpermute_rope_rows
@@ -30,7 +30,7 @@ class PagedHarness:
         perm = torch.randperm(num_seqs * per_seq, generator=torch.Generator().manual_seed(seed)).tolist()
         self.tables = [perm[i * per_seq:(i + 1) * per_seq] for i in range(num_seqs)]
         shape = (num_seqs * per_seq, block_size, cfg.num_key_value_heads, cfg.head_dim)
-        dtype = model.embed_tokens.weight.dtype
+        dtype = model.norm.weight.dtype
         self.kv = [(torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype)) for _ in model.layers]
         self.model, self.block_size, self.lens = model, block_size, [0] * num_seqs
 
@@ -179,53 +179,6 @@ def test_unpermute_inverts_llama_cpp_rope_permutation():
     assert torch.equal(unpermute_rope_rows(permuted, n_heads), w)
     bias = torch.randn(n_heads * head_dim)
     assert torch.equal(unpermute_rope_rows(bias.reshape(n_heads, 2, -1).swapaxes(1, 2).reshape(-1), n_heads), bias)
-
-
-def write_tiny_gguf(path: str, ref, tok_folder: str) -> None:
-    """Write a transformers model as llama.cpp would: its tensor names (from the gguf package's own
-    map), LLaMA q/k rows permuted, 2-D weights quantized to Q8_0, the tokenizer as GGUF fields."""
-    import json
-    import gguf
-    cfg = ref.config
-    arch = cfg.model_type
-    w = gguf.GGUFWriter(path, arch)
-    head_dim = cfg.hidden_size // cfg.num_attention_heads
-    w.add_context_length(cfg.max_position_embeddings)
-    w.add_block_count(cfg.num_hidden_layers)
-    w.add_embedding_length(cfg.hidden_size)
-    w.add_feed_forward_length(cfg.intermediate_size)
-    w.add_head_count(cfg.num_attention_heads)
-    w.add_head_count_kv(cfg.num_key_value_heads)
-    w.add_rope_dimension_count(head_dim)
-    w.add_rope_freq_base(cfg.rope_parameters["rope_theta"])
-    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
-    w.add_vocab_size(cfg.vocab_size)
-    with open(os.path.join(tok_folder, "tokenizer.json")) as f:
-        model = json.load(f)["model"]
-    w.add_tokenizer_model("gpt2")
-    w.add_token_list([t for t, _ in sorted(model["vocab"].items(), key=lambda kv: kv[1])])
-    w.add_token_types([3 if i < 3 else 1 for i in range(len(model["vocab"]))])
-    w.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in model["merges"]])
-    w.add_bos_token_id(1)
-    w.add_eos_token_id(2)
-    w.add_pad_token_id(0)
-    w.add_chat_template(CHAT_TEMPLATE)
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA if arch == "llama" else gguf.MODEL_ARCH.QWEN2,
-                                     cfg.num_hidden_layers)
-    for name, t in ref.state_dict().items():
-        if name == "lm_head.weight" and cfg.tie_word_embeddings:
-            continue
-        base, suffix = name.rsplit(".", 1)
-        data = t.float().numpy()
-        heads = {"q_proj": cfg.num_attention_heads, "k_proj": cfg.num_key_value_heads}.get(base.split(".")[-1])
-        if arch == "llama" and heads:  # llama.cpp's convert_hf_to_gguf permute
-            data = data.reshape(heads, 2, -1, *data.shape[1:]).swapaxes(1, 2).reshape(data.shape)
-        qtype = gguf.GGMLQuantizationType.Q8_0 if data.ndim == 2 else gguf.GGMLQuantizationType.F32
-        w.add_tensor(f"{names.get_name(base)}.{suffix}", gguf.quantize(data, qtype), raw_dtype=qtype)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
 
 
 @pytest.mark.parametrize("arch,overrides", [("llama", {}), ("qwen2", dict(tie_word_embeddings=True))])

@@ -2,59 +2,27 @@
 the torch operator `torch.ops.pagedserve.paged_decode`.
 
 The torch decode path gathers every sequence's K/V through its block table into a padded copy, then
-runs a masked SDPA; the kernel reads the paged cache in place. It is compiled once per machine with
-the system C compiler (no torch headers, no ninja: about a second) into a cache folder and loaded with
-ctypes, which releases the GIL during the call. It is built with OpenMP against the libgomp torch has
-already loaded, so its threads are torch's own team. The operator registration (torch.library)
+runs a masked SDPA; the kernel reads the paged cache in place. pagedserve/native.py builds it once per
+machine and runs it on torch's own OpenMP team. The operator registration (torch.library)
 makes it visible to torch.profiler and opaque to torch.compile. Without a compiler, or when the build
 fails, one warning is logged and `available()` answers False; the `cpu` attention backend then cannot
 be chosen, and `auto` falls back to `torch`.
-
-Environment (build time only, never read on the hot path):
-  CC              the C compiler command (default `cc`)
-  XDG_CACHE_HOME  cache root (default ~/.cache); builds go to pagedserve/kernels/ in it
 """
 from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
 import logging
-import os
-import platform
-import shlex
-import subprocess
-import tempfile
 from pathlib import Path
 
 import torch
 
+from pagedserve import native
+
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("csrc") / "paged_decode.c"
-# No -ffast-math: it would let the compiler reorder float sums and break the float32 accuracy bound.
-CFLAGS = ["-O3", "-march=native", "-std=gnu11", "-shared", "-fPIC", "-fopenmp"]
-LIBS: list[str] = []
 _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}  # the C side's *_bf16 flags
-
-
-class _OneThread:
-    """When the kernel must run on one thread: in a forked child (libgomp's thread team does not survive
-    fork(): a child entering a parallel region after its parent did waits forever for threads that do not
-    exist), or when the kernel did not get torch's own OpenMP runtime (two runtimes fight over the cores)."""
-    forced = False
-
-
-os.register_at_fork(after_in_child=lambda: setattr(_OneThread, "forced", True))
-
-
-def openmp_runtimes() -> set[str]:
-    """The OpenMP runtime files mapped into this process (Linux; empty elsewhere)."""
-    try:
-        with open("/proc/self/maps") as f:
-            return {line.split()[-1] for line in f if "libgomp" in line or "libiomp" in line or "libomp" in line}
-    except OSError:
-        return set()
 
 
 class DecodeArgs(ctypes.Structure):
@@ -72,69 +40,16 @@ class DecodeArgs(ctypes.Structure):
     ]
 
 
-def compiler() -> list[str]:
-    return shlex.split(os.environ.get("CC") or "cc")
-
-
-def cache_dir() -> Path:
-    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(root) / "pagedserve" / "kernels"
-
-
-def _machine_key() -> str:
-    """What -march=native depends on: the CPU's feature flags (Linux), else the architecture name."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith(("flags", "Features")):
-                    return platform.machine() + line
-    except OSError:
-        pass
-    return platform.machine() + platform.processor()
-
-
-def build(cc: list[str], out_dir: Path) -> Path:
-    """Compile SOURCE into out_dir unless already there; returns the .so path. Raises on failure.
-
-    The file name hashes the source, the command and the machine, so each is built once; the
-    compiler writes a temporary name that is renamed into place, so a concurrent process never
-    loads a half-written file.
-    """
-    key = hashlib.sha256(b"\0".join([SOURCE.read_bytes(), " ".join(cc + CFLAGS + LIBS).encode(),
-                                     _machine_key().encode()]))
-    so = out_dir / f"paged_decode-{key.hexdigest()[:16]}.so"
-    if so.exists():
-        return so
-    out_dir.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=so.stem + ".", suffix=".tmp", dir=out_dir)
-    os.close(fd)
-    try:
-        res = subprocess.run([*cc, *CFLAGS, "-o", tmp, str(SOURCE), *LIBS], capture_output=True, text=True,
-                             timeout=120, check=False)
-        if res.returncode != 0:
-            raise RuntimeError(f"`{' '.join(cc)}` exited with {res.returncode}: {res.stderr.strip()[-2000:]}")
-        os.replace(tmp, so)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return so
-
-
 @functools.cache
 def load_library() -> ctypes.CDLL | None:
     """The compiled kernel, built on the first call; None, after one warning, when it cannot be built."""
     try:
-        lib = ctypes.CDLL(str(build(compiler(), cache_dir())))
+        lib = native.load(SOURCE)
     except Exception as e:  # noqa: BLE001  no compiler, build error, unwritable cache, bad .so: torch still works
         log.warning("fused CPU decode attention unavailable, decode attention uses the torch path: %s", e)
         return None
     lib.paged_decode.argtypes = [ctypes.POINTER(DecodeArgs), ctypes.c_int]
     lib.paged_decode.restype = ctypes.c_int
-    runtimes = openmp_runtimes()
-    if len(runtimes) > 1:  # this torch build's libgomp has another name: ours loaded a second runtime
-        log.warning("the decode kernel loaded a second OpenMP runtime beside torch's (%s); it runs on one "
-                    "thread", ", ".join(sorted(runtimes)))
-        _OneThread.forced = True
     return lib
 
 
@@ -197,5 +112,5 @@ def decode_attention(out: torch.Tensor, q: torch.Tensor, k_cache: torch.Tensor, 
     if block_tables.stride(1) != 1:
         block_tables = block_tables.contiguous()
     seq_lens = seq_lens.to(torch.int64).contiguous()
-    threads = 1 if _OneThread.forced else (num_threads or torch.get_num_threads())
+    threads = native.thread_count(num_threads or torch.get_num_threads())
     torch.ops.pagedserve.paged_decode(out, q, k_cache, v_cache, block_tables, seq_lens, scale, threads)

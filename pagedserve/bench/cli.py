@@ -1,4 +1,4 @@
-"""`pagedserve bench workload | throughput | serve | report`.
+"""`pagedserve bench workload | throughput | quantization | serve | report`.
 
 pagedserve.cli calls add_subcommands(bench_subparsers, add_engine_args); each subcommand
 sets func(args) -> exit code. The evidence report is not part of the installed package: it
@@ -22,6 +22,7 @@ WORKLOAD_HELP = "workload .jsonl from `pagedserve bench workload`"
 def add_subcommands(sub, add_engine_args) -> None:
     _add_workload(sub)
     _add_throughput(sub, add_engine_args)
+    _add_quantization(sub)
     _add_serve(sub)
     _add_report(sub, add_engine_args)
 
@@ -220,6 +221,38 @@ def format_throughput(result: dict) -> str:
 
 
 # ---- serve ----------------------------------------------------------------------------------
+# ---- quantization ---------------------------------------------------------------------------
+def _add_quantization(sub) -> None:
+    p = sub.add_parser("quantization", help="a GGUF model kept quantized (--quantization gguf) against the same "
+                                            "file dequantized: perplexity, greedy agreement, decode time",
+                       description="Loads the model twice, dequantized to float32 and kept quantized, and "
+                                   "measures each: perplexity on CPython's reference manual (scored as "
+                                   "llama.cpp's llama-perplexity does), greedy tokens on the workload's prompts "
+                                   "(each alone), and one stream's decode time per token.")
+    p.add_argument("--model", default=None, help="a .gguf file (default: the bundled SmolLM2-135M-Instruct Q4_1)")
+    p.add_argument("--workload", required=True, help=WORKLOAD_HELP)
+    p.add_argument("--num-requests", type=int, default=8, help="prompts for greedy agreement and decode time")
+    p.add_argument("--max-tokens", type=int, default=128, help="greedy tokens per prompt")
+    p.add_argument("--ctx", type=int, default=512, help="perplexity window, as llama-perplexity's -c")
+    p.add_argument("--chunks", type=int, default=8, help="perplexity windows, as llama-perplexity's --chunks")
+    p.add_argument("--num-threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--save-result", default=None, help="write every number, the machine, date and command to this JSON file")
+    p.set_defaults(func=cmd_quantization)
+
+
+def cmd_quantization(args) -> int:
+    from pagedserve.bench import quantization
+    items = load_workload(args.workload, args.num_requests)
+    result = {**result_header(args), "workload": {"file": args.workload, **workload_summary(items)},
+              **quantization.run(args.model, [it.prompt_token_ids for it in items], args.max_tokens, args.ctx,
+                                 args.chunks, args.num_threads)}
+    print(quantization.format_result(result))
+    if args.save_result:
+        save_result(args.save_result, result)
+        print(f"saved {args.save_result}")
+    return 0
+
+
 def _add_serve(sub) -> None:
     p = sub.add_parser("serve", help="load-test an OpenAI-compatible server with a workload",
                        description="Send a workload's requests to /v1/completions (token-id prompts, exact output "

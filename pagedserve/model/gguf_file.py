@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from pagedserve.model.config import ModelConfig
+from pagedserve.model.ggml_linear import GGML_BLOCK_TYPES, GGMLWeight
 
 # GGUF general.architecture -> HF architecture. Mistral GGUFs say "llama".
 GGUF_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
@@ -54,6 +55,13 @@ class GGUFFile:
             raw = dequantize(raw.reshape(-1), info.ggml_type, torch.float32)
         return raw.float().reshape(info.shape)
 
+    def quantized(self, name: str) -> GGMLWeight | None:
+        """A 2-D tensor of a type our kernel runs, as the file's bytes; None for any other tensor."""
+        info = self._infos[name]
+        if info.ggml_type not in GGML_BLOCK_TYPES or len(info.shape) != 2:
+            return None
+        return GGMLWeight.from_file(self._lazy[name][None].reshape(info.shape[0], -1), info.ggml_type, info.shape[1])
+
 
 class GGUFPackageFile(GGUFFile):
     """The same, read through the `gguf` package (for transformers without its own reader)."""
@@ -72,6 +80,13 @@ class GGUFPackageFile(GGUFFile):
         from gguf import dequantize
         t = self._tensors[name]
         return torch.from_numpy(np.array(dequantize(t.data, t.tensor_type), dtype=np.float32))  # a copy off the map
+
+    def quantized(self, name: str) -> GGMLWeight | None:
+        t = self._tensors[name]
+        if int(t.tensor_type) not in GGML_BLOCK_TYPES or t.data.ndim != 2:
+            return None
+        return GGMLWeight.from_file(torch.from_numpy(np.array(t.data, dtype=np.uint8)), int(t.tensor_type),
+                                    int(t.shape[0]))  # gguf's shape is innermost first
 
 
 def open_gguf(path: str) -> GGUFFile:
@@ -143,18 +158,23 @@ def unpermute_rope_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     return w.reshape(n_heads, -1, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
 
 
-def iter_gguf_weights(f: GGUFFile, cfg: ModelConfig, dtype: torch.dtype,
-                      device: torch.device | str = "cpu") -> Iterator[tuple[str, torch.Tensor]]:
+def iter_gguf_weights(f: GGUFFile, cfg: ModelConfig, dtype: torch.dtype, device: torch.device | str = "cpu",
+                      keep_quantized: bool = False) -> Iterator[tuple[str, "torch.Tensor | GGMLWeight"]]:
     """Dequantize every tensor to float32, restore HF layout, cast to `dtype` (one rounding);
-    yields (HF name, tensor)."""
+    yields (HF name, tensor). keep_quantized: weights of the types ggml_linear runs stay as the
+    file's bytes (GGMLWeight, rows in HF order)."""
     for gguf_name in f.tensor_names:
         if gguf_name == ROPE_FREQS:
             continue  # folded into the config's rope_freq_factors
         name = hf_name(gguf_name)
-        w = f.tensor(gguf_name)
+        q = f.quantized(gguf_name) if keep_quantized and name.endswith(".weight") else None
+        w = f.tensor(gguf_name) if q is None else q.data
         if cfg.model_type == "llama":  # llama.cpp permutes q/k of LLaMA-architecture files only
             if ".q_proj." in name:
-                w = unpermute_rope_rows(w, cfg.num_attention_heads)
+                w = unpermute_rope_rows(w, cfg.num_attention_heads)  # whole rows: quantized ones too
             elif ".k_proj." in name:
                 w = unpermute_rope_rows(w, cfg.num_key_value_heads)
-        yield name, w.to(device=device, dtype=dtype)
+        if q is None:
+            yield name, w.to(device=device, dtype=dtype)
+        else:
+            yield name, GGMLWeight(w.contiguous(), q.ggml_type, q.in_features)

@@ -14,7 +14,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from pagedserve.attention import AttentionMetadata, paged_attention
+from pagedserve.model import cpu_ops
 from pagedserve.model.config import ModelConfig
+from pagedserve.model.ggml_linear import GGMLEmbedding, GGMLLinear, GGMLWeight, cat_rows, quantized_module
 
 KVCache = tuple[torch.Tensor, torch.Tensor]  # k_cache, v_cache: [num_blocks, block_size, Hkv, D]
 
@@ -50,27 +52,15 @@ def rope_table(cfg: ModelConfig) -> torch.Tensor:
     return torch.cat((freqs.cos(), freqs.sin()), dim=-1)
 
 
-def apply_rope_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
-    """Rotate x in place, halves layout (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin).
-
-    x: [T, heads, D] (may be a strided view); cos, sin: [T, 1, D/2].
-    """
-    half = x.shape[-1] // 2
-    x1, x2 = x[..., :half], x[..., half:]
-    x2_sin = x2 * sin
-    x2.mul_(cos).addcmul_(x1, sin)
-    x1.mul_(cos).sub_(x2_sin)
-
-
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # x: [T, H]. Normalised in float32 whatever the run dtype, rounded, then scaled: as the reference does.
-        return F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype) * self.weight
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """x: [T, H] -> normed [T, H]; with residual, residual += x (in place) and the sum is normed."""
+        return cpu_ops.rms_norm(x, self.weight, self.eps, residual)
 
 
 class Attention(nn.Module):
@@ -84,13 +74,13 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=cfg.o_proj_bias)
         self.scale = self.head_dim ** -0.5
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_cache: KVCache,
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, rope_cos_sin: torch.Tensor, kv_cache: KVCache,
                 meta: AttentionMetadata) -> torch.Tensor:
         t = x.shape[0]
         qkv = self.qkv_proj(x)  # [T, (Hq + 2 Hkv) D]
         # Rotate q and k together, in place in the fresh qkv buffer: no copies.
         qk = qkv[:, :self.q_size + self.kv_size].view(t, self.num_heads + self.num_kv_heads, self.head_dim)
-        apply_rope_(qk, cos, sin)
+        cpu_ops.apply_rotary_(qk, positions, rope_cos_sin)
         q = qk[:, :self.num_heads]                                              # [T, Hq, D]
         k = qk[:, self.num_heads:]                                              # [T, Hkv, D]
         v = qkv[:, self.q_size + self.kv_size:].view(t, self.num_kv_heads, self.head_dim)  # [T, Hkv, D]
@@ -106,10 +96,7 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate_up = self.gate_up_proj(x)  # [T, 2I]
-        h = F.silu(gate_up[:, :self.intermediate_size])  # [T, I]
-        h.mul_(gate_up[:, self.intermediate_size:])  # SwiGLU
-        return self.down_proj(h)  # [T, H]
+        return self.down_proj(cpu_ops.silu_and_mul(self.gate_up_proj(x)))  # [T, 2I] -> [T, I] -> [T, H]
 
 
 class DecoderLayer(nn.Module):
@@ -120,12 +107,19 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_cache: KVCache,
-                meta: AttentionMetadata) -> torch.Tensor:
-        # x: [T, H], owned by the model's forward, so the residual adds happen in place.
-        x.add_(self.self_attn(self.input_layernorm(x), cos, sin, kv_cache, meta))
-        x.add_(self.mlp(self.post_attention_layernorm(x)))
-        return x
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None, positions: torch.Tensor,
+                rope_cos_sin: torch.Tensor, kv_cache: KVCache, meta: AttentionMetadata
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: [T, H], the previous layer's output (the embeddings at layer 0, residual None); residual:
+        the stream before it, owned by the model's forward, so the adds happen in place in the norms.
+        Returns this layer's output and the stream it is to be added to."""
+        if residual is None:
+            residual, h = x, self.input_layernorm(x)
+        else:
+            h = self.input_layernorm(x, residual)
+        h = self.self_attn(h, positions, rope_cos_sin, kv_cache, meta)
+        h = self.post_attention_layernorm(h, residual)
+        return self.mlp(h), residual
 
 
 class LlamaForCausalLM(nn.Module):
@@ -149,25 +143,31 @@ class LlamaForCausalLM(nn.Module):
         """input_ids, positions: [T] int64 -> final-normed hidden states [T, H]."""
         if len(kv_caches) != len(self.layers):
             raise ValueError(f"expected {len(self.layers)} (k_cache, v_cache) pairs, got {len(kv_caches)}")
-        x = self.embed_tokens(input_ids)  # [T, H]
-        cos_sin = self.rope_cos_sin[positions].unsqueeze(1)  # [T, 1, D]
-        half = cos_sin.shape[-1] // 2
-        cos, sin = cos_sin[..., :half], cos_sin[..., half:]  # [T, 1, D/2] each
+        x, residual = self.embed_tokens(input_ids), None  # [T, H]
         for layer, kv_cache in zip(self.layers, kv_caches):
-            x = layer(x, cos, sin, kv_cache, meta)
-        return self.norm(x)
+            x, residual = layer(x, residual, positions, self.rope_cos_sin, kv_cache, meta)
+        return self.norm(x, residual)
 
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: [n, H] -> logits [n, V] in float32."""
-        if self.lm_head is not None:  # untied, or a packed copy of the tied embedding (packed_linear.py)
+        if self.lm_head is not None:  # untied, or the tied embedding packed (packed_linear.py) or quantized
             return self.lm_head(hidden).float()
         return F.linear(hidden, self.embed_tokens.weight).float()
 
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+    def load_weights(self, weights: Iterable[tuple[str, "torch.Tensor | GGMLWeight"]]) -> None:
         """Take tensors under Hugging Face names (already in the run dtype and device), fuse
-        q/k/v and gate/up, and install them. Raises on unknown, missing or misshapen tensors."""
+        q/k/v and gate/up, and install them. Raises on unknown, missing or misshapen tensors.
+        A GGMLWeight (a GGUF weight kept quantized) replaces its linear or embedding with the
+        quantized module; a tied LM head then reads the quantized embedding too."""
         state = fuse_hf_weights(self.config, weights)
+        for name in [n for n, t in state.items() if isinstance(t, GGMLWeight)]:
+            module_name = name.removesuffix(".weight")
+            if module_name not in dict(self.named_modules()):
+                raise ValueError(f"checkpoint does not fit {self.config.architecture}: unexpected {name}")
+            self.set_submodule(module_name, quantized_module(self.get_submodule(module_name), state.pop(name)))
+        if self.lm_head is None and isinstance(self.embed_tokens, GGMLEmbedding):
+            self.lm_head = GGMLLinear(self.embed_tokens.weight)
         expected = dict(self.named_parameters())
         missing = sorted(set(expected) - set(state))
         unknown = sorted(set(state) - set(expected))
@@ -191,7 +191,8 @@ _FUSED = {
 _FUSED_PARTS = {"self_attn.qkv_proj": 3, "mlp.gate_up_proj": 2}
 
 
-def fuse_hf_weights(cfg: ModelConfig, weights: Iterable[tuple[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+def fuse_hf_weights(cfg: ModelConfig, weights: Iterable[tuple[str, "torch.Tensor | GGMLWeight"]]
+                    ) -> dict[str, "torch.Tensor | GGMLWeight"]:
     """HF checkpoint names -> our parameter names, concatenating the fused projections."""
     state: dict[str, torch.Tensor] = {}
     parts: dict[str, list[torch.Tensor | None]] = {}
@@ -207,7 +208,7 @@ def fuse_hf_weights(cfg: ModelConfig, weights: Iterable[tuple[str, torch.Tensor]
             key = f"layers.{fields[1]}.{target}.{fields[4]}"
             parts.setdefault(key, [None] * _FUSED_PARTS[target])[slot] = tensor
             if all(p is not None for p in parts[key]):
-                state[key] = torch.cat(parts.pop(key), dim=0)
+                state[key] = cat_rows(parts.pop(key))
         else:
             state[name] = tensor
     if parts:

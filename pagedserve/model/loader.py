@@ -14,7 +14,8 @@ from typing import Any, Iterator
 
 import torch
 
-from pagedserve.model import generation_defaults, gguf_file
+from pagedserve.config import QUANTIZATIONS
+from pagedserve.model import generation_defaults, ggml_linear, gguf_file
 from pagedserve.model.config import SUPPORTED_ARCHITECTURES, ModelConfig
 from pagedserve.model.llama import LlamaForCausalLM
 
@@ -79,19 +80,34 @@ def resolve_dtype(dtype: str | torch.dtype, device: torch.device | str = "cpu") 
 
 
 def load_model(model: str | None = None, dtype: str | torch.dtype = "auto", device: torch.device | str = "cpu",
-               tokenizer: str | None = None) -> LoadedModel:
+               tokenizer: str | None = None, quantization: str = "none") -> LoadedModel:
     """Load a HF model folder or a .gguf file (None: the default model) in `dtype` on `device`.
 
     tokenizer: another folder or .gguf file to take the tokenizer from (default: the model's own).
+    quantization: "none" dequantizes a GGUF's weights into `dtype`; "gguf" keeps those of the types
+    model/ggml_linear.py runs (Q4_0, Q4_1, Q8_0) quantized, on the CPU (the rest are dequantized), and
+    computes in float32.
     """
     path = default_model_path() if model is None else os.path.abspath(os.path.expanduser(model))
     device = torch.device(device)
     run_dtype = resolve_dtype(dtype, device)
     kind = _source_kind(path)
+    if quantization not in QUANTIZATIONS:
+        raise ValueError(f"quantization must be one of {QUANTIZATIONS}, got {quantization!r}")
+    if quantization == "gguf":
+        if dtype not in ("auto", "float32", torch.float32):
+            raise ValueError(f"quantization='gguf' computes in float32; dtype {dtype!r} cannot be used with it")
+        run_dtype = torch.float32
+        if kind != "gguf":
+            raise ValueError(f"quantization='gguf' keeps a .gguf file's weights quantized; {path} is not one")
+        if device.type != "cpu":
+            raise ValueError("quantization='gguf' runs on the CPU only")
+        if not ggml_linear.available():
+            raise ValueError("quantization='gguf' needs its C kernel, which did not build (see the warning above)")
     if kind == "gguf":
         f = gguf_file.open_gguf(path)
         cfg = gguf_file.config_from_gguf(f)
-        weights = gguf_file.iter_gguf_weights(f, cfg, run_dtype, device)
+        weights = gguf_file.iter_gguf_weights(f, cfg, run_dtype, device, keep_quantized=quantization == "gguf")
         gen = generation_defaults.from_gguf_metadata(f.metadata)
     else:
         cfg = read_hf_config(path)
