@@ -97,3 +97,13 @@ def test_without_a_compiler_the_torch_ops_run(no_kernel):
     assert torch.equal(cpu_ops.silu_and_mul(gate_up), F.silu(gate_up[:, :64]) * gate_up[:, 64:])
     assert [r.levelname for r in no_kernel.records] == ["WARNING"]
     assert "torch ops run instead" in no_kernel.records[0].getMessage()
+
+
+def test_silu_over_the_whole_float_range():
+    # The C op's vector exp is its own polynomial: check it where exp under- and overflows too.
+    x = torch.cat([torch.linspace(-120, 120, 200_001), torch.tensor([0.0, -0.0, float("inf"), -float("inf")])])
+    gate_up = torch.stack([x, torch.ones_like(x)], dim=1)
+    got, want = cpu_ops.silu_and_mul(gate_up)[:, 0], F.silu(x)
+    finite = want.isfinite() & (want != 0)
+    assert float(((got - want).abs() / want.abs())[finite].max()) < 1e-6
+    torch.testing.assert_close(got[~finite], want[~finite], rtol=0, atol=0, equal_nan=True)  # 0, inf, nan

@@ -40,14 +40,17 @@ def sequence_nll(model, token_ids: list[int], block_size: int = 16) -> torch.Ten
     return -logp.gather(1, ids[1:, None])[:, 0]
 
 
-def perplexity(model, token_ids: list[int], ctx: int, chunks: int) -> dict:
-    """llama-perplexity's measure: `chunks` windows of `ctx` tokens, the second half of each scored."""
+def perplexity(model, token_ids: list[int], ctx: int, chunks: int, bos_token_id: int | None = None) -> dict:
+    """llama-perplexity's measure: `chunks` windows of `ctx` tokens (the first one replaced by BOS when the
+    model adds one), each scoring the tokens after its first half, ctx / 2 + 1 .. ctx - 1."""
     nll: list[torch.Tensor] = []
     for c in range(chunks):
         window = token_ids[c * ctx:(c + 1) * ctx]
         if len(window) < ctx:
             break
-        nll.append(sequence_nll(model, window)[ctx // 2 - 1:])
+        if bos_token_id is not None:
+            window = [bos_token_id] + window[1:]
+        nll.append(sequence_nll(model, window)[ctx // 2:])  # entry j scores token j + 1
     scored = torch.cat(nll)
     return {"ppl": float(torch.exp(scored.mean())), "tokens_scored": scored.numel(), "chunks": len(nll), "ctx": ctx}
 
@@ -87,8 +90,10 @@ def run(model: str | None, prompts: list[list[int]], max_tokens: int, ctx: int, 
     tokens = {}
     for mode in ("none", "gguf"):
         llm = LLM(model=model, quantization=mode, dtype="float32", num_threads=num_threads)
-        text_ids = llm.llm_engine.tokenizer(reference_text())["input_ids"]
-        ppl = perplexity(llm.llm_engine.loaded.model, text_ids, ctx, chunks)
+        tok = llm.llm_engine.tokenizer
+        adds_bos = tok.bos_token_id is not None and tok("a")["input_ids"][:1] == [tok.bos_token_id]
+        text_ids = tok(reference_text(), add_special_tokens=False)["input_ids"]
+        ppl = perplexity(llm.llm_engine.loaded.model, text_ids, ctx, chunks, tok.bos_token_id if adds_bos else None)
         toks, tpot = greedy_tokens_and_tpot(llm, prompts, max_tokens)
         tokens[mode] = toks
         result["modes"][mode] = {**ppl, "tpot_ms_median": 1e3 * statistics.median(tpot) if tpot else None,
