@@ -117,8 +117,11 @@ int ggml_dequant_rows(const uint8_t *w, int64_t row_bytes, int32_t type, int64_t
     return 0;
 }
 
-/* x's rows as int8 blocks: xq = round(x / xd) with xd = max|x| / 127 per block, and each block's sum. */
-static void quantize_inputs(const LinearArgs *a, int8_t *xq, float *xd, float *xs) {
+/* x's rows as int8 blocks: xq = round(x / xd) with xd = max|x| / 127 per block, and each block's sum.
+ * paired: each even/odd pair of blocks is stored as the two blocks' first halves, then their second
+ * halves, the order a 32-byte load of the pair's nibbles unpacks into (pair_fma); an odd last block stays
+ * as it is. */
+static void quantize_inputs(const LinearArgs *a, int paired, int8_t *xq, float *xd, float *xs) {
     const int64_t nb = a->k / QK;
     for (int64_t i = 0; i < a->m; i++) {
         const float *x = a->x + i * a->x_stride;
@@ -130,7 +133,12 @@ static void quantize_inputs(const LinearArgs *a, int8_t *xq, float *xd, float *x
                 sum += xb[j];
             }
             const float d = amax / 127.0f, inv = d > 0.0f ? 1.0f / d : 0.0f;
-            for (int j = 0; j < QK; j++) xq[(i * nb + b) * QK + j] = (int8_t)nearbyintf(xb[j] * inv);
+            const int in_pair = paired && (b % 2 == 1 || b + 1 < nb);
+            int8_t *dst = xq + (i * nb + b - (in_pair ? b % 2 : 0)) * QK;
+            for (int j = 0; j < QK; j++) {
+                const int at = in_pair ? (j < QK / 2 ? 0 : QK) + (int)(b % 2) * (QK / 2) + j % (QK / 2) : j;
+                dst[at] = (int8_t)nearbyintf(xb[j] * inv);
+            }
             xd[i * nb + b] = d;
             xs[i * nb + b] = sum;
         }
@@ -175,6 +183,24 @@ static inline __attribute__((always_inline)) void block_fma(const int type, cons
         acc[i] = _mm256_fmadd_ps(dot, _mm256_broadcast_ss(&scale[i][sb]), acc[i]);
     }
 }
+
+/* Blocks b and b + 1 of a Q4 row at once: one 32-byte load holds both blocks' nibbles, so its low nibbles
+ * are the two blocks' first halves and its high nibbles their second halves, against paired inputs
+ * (quantize_inputs). acc[i] += the pair's scales (scale2[i]: b's four times, then b + 1's) times the
+ * two integer dot products, summed in 16 bits first (each term at most 2 * 15 * 127). */
+static inline __attribute__((always_inline)) void pair_fma(const uint8_t *qs, const int8_t *xq, int64_t nb,
+                                                           int64_t i0, int64_t b, const int rows,
+                                                           const float *scale2, __m256 *acc) {
+    const __m256i low4 = _mm256_set1_epi8(0x0f), v = _mm256_loadu_si256((const __m256i *)qs);
+    const __m256i lo = _mm256_and_si256(v, low4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
+    for (int i = 0; i < rows; i++) {
+        const int8_t *x = xq + ((i0 + i) * nb + b) * QK;
+        const __m256i p = _mm256_add_epi16(_mm256_maddubs_epi16(lo, _mm256_loadu_si256((const __m256i *)x)),
+                                           _mm256_maddubs_epi16(hi, _mm256_loadu_si256((const __m256i *)(x + QK))));
+        const __m256 dot = _mm256_cvtepi32_ps(_mm256_madd_epi16(p, _mm256_set1_epi16(1)));
+        acc[i] = _mm256_fmadd_ps(dot, _mm256_loadu_ps(scale2 + i * (CHUNK / 2) * 8), acc[i]);
+    }
+}
 #endif
 
 
@@ -187,6 +213,11 @@ static inline __attribute__((always_inline)) void dot_row(const LinearArgs *a, c
     const int64_t nb = a->k / QK;
     float scale[ROWS][CHUNK]; /* d_b * xd_b for the chunk's blocks */
     float off[ROWS] = {0};    /* sum_b m_b * xs_b */
+#if USE_AVX2
+    float scale2[ROWS][CHUNK / 2][8]; /* Q4 pairs (pair_fma): each pair's two scales, four times each */
+    const __m256i spread[4] = {_mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1), _mm256_setr_epi32(2, 2, 2, 2, 3, 3, 3, 3),
+                               _mm256_setr_epi32(4, 4, 4, 4, 5, 5, 5, 5), _mm256_setr_epi32(6, 6, 6, 6, 7, 7, 7, 7)};
+#endif
 #if USE_AVX2
     /* Two chains, even and odd blocks: one row's FMAs would otherwise wait on each other's latency. */
     __m256 acc0[ROWS], acc1[ROWS];
@@ -203,8 +234,10 @@ static inline __attribute__((always_inline)) void dot_row(const LinearArgs *a, c
             __m256 offv = _mm256_setzero_ps();
             for (; b + 8 <= cn; b += 8) {
                 const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(w.d + c0 + b)));
-                _mm256_storeu_ps(scale[i] + b, _mm256_mul_ps(d, _mm256_loadu_ps(xdi + b)));
+                const __m256 sv = _mm256_mul_ps(d, _mm256_loadu_ps(xdi + b));
+                _mm256_storeu_ps(scale[i] + b, sv);
                 if (type != GGML_Q8_0) {
+                    for (int k = 0; k < 4; k++) _mm256_storeu_ps(scale2[i][b / 2 + k], _mm256_permutevar8x32_ps(sv, spread[k]));
                     const __m256 m = type == GGML_Q4_1
                         ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(w.m + c0 + b)))
                         : _mm256_mul_ps(d, _mm256_set1_ps(-8.0f));
@@ -218,10 +251,23 @@ static inline __attribute__((always_inline)) void dot_row(const LinearArgs *a, c
                 block_scale(w, type, c0 + b, &d, &m);
                 scale[i][b] = d * xdi[b];
                 off[i] += m * xsi[b];
+#if USE_AVX2
+                for (int l = 0; l < 4; l++) scale2[i][b / 2][(b % 2) * 4 + l] = scale[i][b];
+#endif
             }
         }
 #if USE_AVX2
         int64_t b = 0;
+        if (type != GGML_Q8_0) { /* pairs of pairs: two accumulator chains */
+            for (; b + 4 <= cn; b += 4) {
+                pair_fma(w.qs + (c0 + b) * qb, xq, nb, i0, c0 + b, rows, scale2[0][b / 2], acc0);
+                pair_fma(w.qs + (c0 + b + 2) * qb, xq, nb, i0, c0 + b + 2, rows, scale2[0][b / 2 + 1], acc1);
+            }
+            if (b + 2 <= cn) {
+                pair_fma(w.qs + (c0 + b) * qb, xq, nb, i0, c0 + b, rows, scale2[0][b / 2], acc0);
+                b += 2;
+            }
+        }
         for (; b + 2 <= cn; b += 2) {
             block_fma(type, w.qs + (c0 + b) * qb, xq, nb, i0, c0 + b, rows, scale, b, acc0);
             block_fma(type, w.qs + (c0 + b + 1) * qb, xq, nb, i0, c0 + b + 1, rows, scale, b + 1, acc1);
@@ -280,7 +326,7 @@ int ggml_linear(const LinearArgs *a, int num_threads) {
     if (!xq || !xd || !xs) {
         rc = 2;
     } else {
-        quantize_inputs(a, xq, xd, xs);
+        quantize_inputs(a, USE_AVX2 && a->type != GGML_Q8_0, xq, xd, xs);
 #pragma omp parallel for num_threads(num_threads) schedule(static)
         for (int64_t r = 0; r < a->n; r++) {
             switch (a->type) {
