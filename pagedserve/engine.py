@@ -108,7 +108,7 @@ class LLMEngine:
                                                    self.max_model_len, config.enable_chunked_prefill), self.kv_cache)
         self.runner = ModelRunner(loaded.model, mc.num_hidden_layers, mc.num_key_value_heads, mc.head_dim,
                                   num_blocks, config.block_size, loaded.dtype, config.device,
-                                  config.attention_backend, config.max_num_seqs)
+                                  config.attention_backend, config.max_num_seqs, config.enforce_eager)
         self.eos_token_ids = set(mc.eos_token_ids)
         self.generator = torch.Generator(device=config.device).manual_seed(config.seed)
         self.groups: dict[str, _Group] = {}

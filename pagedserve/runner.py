@@ -7,6 +7,7 @@ import itertools
 import torch
 
 from pagedserve.attention import MetadataBuilder, copy_blocks, select_backend
+from pagedserve.model import decode_graph
 from pagedserve.model.packed_linear import pack_linears
 from pagedserve.outputs import SchedulerOutput
 
@@ -19,7 +20,7 @@ def kv_bytes_per_block(num_layers: int, num_kv_heads: int, head_dim: int, block_
 class ModelRunner:
     def __init__(self, model: torch.nn.Module, num_layers: int, num_kv_heads: int, head_dim: int,
                  num_blocks: int, block_size: int, dtype: torch.dtype, device: str = "cpu",
-                 attention_backend: str = "auto", max_num_seqs: int = 256) -> None:
+                 attention_backend: str = "auto", max_num_seqs: int = 256, enforce_eager: bool = False) -> None:
         self.model = model
         self.block_size = block_size
         self.device = torch.device(device)
@@ -32,6 +33,9 @@ class ModelRunner:
         self.kv_caches = [(torch.zeros(shape, dtype=dtype, device=self.device),
                            torch.zeros(shape, dtype=dtype, device=self.device)) for _ in range(num_layers)]
         self.metadata_builder = MetadataBuilder(block_size, num_blocks, max_num_seqs, 64, self.device)
+        # Small pure-decode steps replay the model as fixed C calls where every kernel is ours (decode_graph.py).
+        why_not = "enforce_eager" if enforce_eager else decode_graph.unsupported(model, self.kv_caches, self.backend.name)
+        self.decode_graph = None if why_not else decode_graph.DecodeGraph(model, self.kv_caches)
 
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> torch.Tensor:
@@ -45,7 +49,11 @@ class ModelRunner:
             [s.block_ids for s in seqs], [query_lens[i] for i in order], [s.start_pos for s in seqs], self.backend)
         input_ids = torch.tensor(list(itertools.chain.from_iterable(s.token_ids for s in seqs)),
                                  dtype=torch.int64, device=self.device)
-        hidden = self.model(input_ids, positions, self.kv_caches, meta)  # [T, H]
+        graph = self.decode_graph
+        if graph is not None and meta.num_decodes == len(seqs) <= graph.max_rows:
+            hidden = graph.run(input_ids, positions, meta)  # [T, H], bitwise what the model would return
+        else:
+            hidden = self.model(input_ids, positions, self.kv_caches, meta)  # [T, H]
         # The last token of each sampled sequence, in the scheduler's order.
         slot_of = {i: j for j, i in enumerate(order)}
         last = list(itertools.accumulate(query_lens[i] for i in order))

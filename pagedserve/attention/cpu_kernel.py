@@ -64,14 +64,20 @@ def supports(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
             and k_cache.dtype in _DTYPE_CODES and available())
 
 
-def _paged_decode(out: torch.Tensor, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                  block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float, num_threads: int) -> None:
-    """The kernel behind torch.ops.pagedserve.paged_decode; see decode_attention for the arguments."""
-    args = DecodeArgs(
+def decode_args(out: torch.Tensor, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float) -> DecodeArgs:
+    """The kernel's argument struct (pointers into these tensors, which must outlive it)."""
+    return DecodeArgs(
         q.data_ptr(), q.stride(0), q.stride(1), k_cache.data_ptr(), v_cache.data_ptr(),
         block_tables.data_ptr(), block_tables.stride(0), seq_lens.data_ptr(),
         out.data_ptr(), out.stride(0), out.stride(1), q.shape[0], q.shape[1], k_cache.shape[2], q.shape[2],
         k_cache.shape[1], scale, _DTYPE_CODES[q.dtype], _DTYPE_CODES[k_cache.dtype])
+
+
+def _paged_decode(out: torch.Tensor, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                  block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float, num_threads: int) -> None:
+    """The kernel behind torch.ops.pagedserve.paged_decode; see decode_attention for the arguments."""
+    args = decode_args(out, q, k_cache, v_cache, block_tables, seq_lens, scale)
     if load_library().paged_decode(ctypes.byref(args), num_threads) != 0:
         raise MemoryError("paged_decode: scratch allocation failed")
 

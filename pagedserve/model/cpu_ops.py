@@ -37,7 +37,8 @@ def load_library() -> ctypes.CDLL | None:
     lib.rms_norm.argtypes = [_P, _P, _P, _P, _I64, _I64, _I64, _I64, _I64, _F, _INT]
     lib.silu_and_mul.argtypes = [_P, _P, _I64, _I64, _I64, _I64, _INT]
     lib.rotary.argtypes = [_P, _P, _P, _I64, _I64, _I64, _I64, _INT]
-    for fn in (lib.rms_norm, lib.silu_and_mul, lib.rotary):
+    lib.kv_cache_write.argtypes = [_P, _P, _P, _P, _I64, _I64, _I64, _I64, _I64]
+    for fn in (lib.rms_norm, lib.silu_and_mul, lib.rotary, lib.kv_cache_write):
         fn.restype = None
     return lib
 

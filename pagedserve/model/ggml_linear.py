@@ -95,12 +95,17 @@ def available() -> bool:
     return load_library() is not None
 
 
-def _ggml_linear(out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, ggml_type: int, bias: torch.Tensor | None,
-                 num_threads: int) -> None:
-    args = LinearArgs(weight.data_ptr(), weight.stride(0), ggml_type, out.shape[1], x.shape[1],
+def linear_args(out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, ggml_type: int,
+                bias: torch.Tensor | None) -> LinearArgs:
+    """The kernel's argument struct (pointers into these tensors, which must outlive it)."""
+    return LinearArgs(weight.data_ptr(), weight.stride(0), ggml_type, out.shape[1], x.shape[1],
                       x.data_ptr(), x.stride(0), x.shape[0], out.data_ptr(), out.stride(0),
                       None if bias is None else bias.data_ptr())
-    rc = load_library().ggml_linear(ctypes.byref(args), num_threads)
+
+
+def _ggml_linear(out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, ggml_type: int, bias: torch.Tensor | None,
+                 num_threads: int) -> None:
+    rc = load_library().ggml_linear(ctypes.byref(linear_args(out, x, weight, ggml_type, bias)), num_threads)
     if rc == 2:
         raise MemoryError("ggml_linear: scratch allocation failed")
     if rc != 0:

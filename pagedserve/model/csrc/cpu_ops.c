@@ -1,5 +1,5 @@
 /* The small float32 ops of a decoder layer, fused, for CPU: residual add + RMSNorm, SiLU-and-mul, rotary
- * embedding. In eager torch each is several ops (RMSNorm alone is pow, mean, add, rsqrt, mul, mul, with
+ * embedding; and the K/V cache write the decode graph (model/decode_graph.py) calls. In eager torch each is several ops (RMSNorm alone is pow, mean, add, rsqrt, mul, mul, with
  * their allocations), and in a one-stream decode step their dispatch costs more than their arithmetic.
  *
  * Each matches the torch reference to float32 rounding: sums of squares are accumulated in double, the
@@ -8,6 +8,7 @@
  */
 #include <math.h>
 #include <stdint.h>
+#include <string.h>
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
 #define USE_AVX2 1
@@ -97,5 +98,16 @@ void rotary(float *x, const int64_t *positions, const float *cos_sin, int64_t to
                 x2[j] = b * c[j] + a * s[j];
             }
         }
+    }
+}
+
+/* The new tokens' K and V, read from their rows of a fused qkv buffer (row_stride apart, K at k_offset and
+ * V at v_offset in a row), into their cache slots: [N, B, Hkv, D] caches, slot s at s * kv_size. */
+void kv_cache_write(float *k_cache, float *v_cache, const float *qkv, const int64_t *slots, int64_t tokens,
+                    int64_t kv_size, int64_t row_stride, int64_t k_offset, int64_t v_offset) {
+    for (int64_t t = 0; t < tokens; t++) {
+        const float *row = qkv + t * row_stride;
+        memcpy(k_cache + slots[t] * kv_size, row + k_offset, sizeof(float) * (size_t)kv_size);
+        memcpy(v_cache + slots[t] * kv_size, row + v_offset, sizeof(float) * (size_t)kv_size);
     }
 }
