@@ -42,6 +42,17 @@ def _inject(engine: LLMEngine, where: str, k: int, monkeypatch, exc=Fault) -> No
         model.layers[0].register_forward_pre_hook(hook)
     elif where == "middle_layer":  # layer 0 has written its K/V, the later ones have not
         model.layers[len(model.layers) // 2].register_forward_pre_hook(hook)
+        graph = engine.runner.decode_graph
+        if graph is not None:  # small decode steps replay as kernel calls: the middle one fails there
+            build = graph._build
+
+            def failing_build(m):
+                calls, keep = build(m)
+                i = len(calls) // 2
+                fn, args = calls[i]
+                calls[i] = (lambda *a, fn=fn: hook() or fn(*a), args)
+                return calls, keep
+            monkeypatch.setattr(graph, "_build", failing_build)
     elif where == "sampler":  # every layer has written its K/V; the step still fails
         real = engine_module.sample
 
@@ -101,12 +112,12 @@ def test_a_failed_step_leaves_the_cache_as_if_it_never_ran(tiny_model_dir, monke
     assert _run(engine, probes) == want_probes
 
 
-def test_only_the_failed_steps_requests_fail(tiny_model_dir):
+def test_only_the_failed_steps_requests_fail(tiny_model_dir, monkeypatch):
     """A request waiting (max_num_seqs=1) while the step fails runs on, with its solo tokens."""
     a, b = _prompt(30, 1), _prompt(30, 2)
     want = _run(LLMEngine(model=tiny_model_dir, **OPTIONS), {"b": b})["b"]
     engine = LLMEngine(model=tiny_model_dir, **OPTIONS, max_num_seqs=1)
-    engine.runner.model.layers[1].register_forward_pre_hook(_raise_on_call(3))
+    _inject(engine, "middle_layer", 3, monkeypatch)  # layer 1 of 2, on its third run: a's second decode
     engine.add_request("a", {"prompt_token_ids": a}, GREEDY)
     engine.add_request("b", {"prompt_token_ids": b}, GREEDY)
     got, failed = {"a": [], "b": []}, None

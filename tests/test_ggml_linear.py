@@ -204,7 +204,7 @@ def generate_both_ways(path: str, prompts: list[list[int]], **options) -> tuple[
     """Greedy tokens and their top logprobs, eager and through the decode graph; and the graph."""
     results = []
     for eager in (True, False):
-        llm = LLM(model=path, quantization="gguf", enforce_eager=eager, num_kv_blocks=128, **options)
+        llm = LLM(model=path, enforce_eager=eager, num_kv_blocks=128, **options)
         out = llm.generate([{"prompt_token_ids": p} for p in prompts],  # lengths 30, 35, ... : some decode alone
                            [SamplingParams(temperature=0, max_tokens=30 + 5 * i, ignore_eos=True, logprobs=3)
                             for i in range(len(prompts))])
@@ -214,8 +214,9 @@ def generate_both_ways(path: str, prompts: list[list[int]], **options) -> tuple[
     return results[0], results[1], llm.llm_engine.runner.decode_graph
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])
-def test_decode_graph_gives_the_eager_results_bitwise(tiny_ggufs, arch, monkeypatch):
+@pytest.mark.parametrize("arch,quantization", [("llama", "gguf"), ("qwen2", "gguf"), ("llama", "none"),
+                                               ("qwen2", "none")])
+def test_decode_graph_gives_the_eager_results_bitwise(tiny_ggufs, arch, quantization, monkeypatch):
     from pagedserve.model.decode_graph import DecodeGraph
     rows, run = [], DecodeGraph.run
     monkeypatch.setattr(DecodeGraph, "run", lambda self, ids, *a: rows.append(len(ids)) or run(self, ids, *a))
@@ -223,17 +224,19 @@ def test_decode_graph_gives_the_eager_results_bitwise(tiny_ggufs, arch, monkeypa
     prompts = [torch.randint(3, 320, (n,), generator=g).tolist() for n in (5, 17, 33, 2, 60)]
     # max_num_seqs 3: steps of 1, 2 and 3 decodes, mixed steps (eager) between; 30-50 tokens cross the
     # graph's first block-table width, so it rebuilds on the way.
-    eager, graphed, graph = generate_both_ways(tiny_ggufs[arch, "Q4_1"], prompts, max_num_seqs=3)
+    eager, graphed, graph = generate_both_ways(tiny_ggufs[arch, "Q4_1"], prompts, max_num_seqs=3,
+                                               quantization=quantization)
     assert graph is not None and graph.num_runs == len(rows) and set(rows) == {1, 2, 3}
     assert graphed == eager
 
 
-def test_decode_graph_only_where_every_kernel_is_ours(tiny_ggufs):
+def test_decode_graph_only_where_it_runs_the_eager_kernels(tiny_ggufs):
     path = tiny_ggufs["llama", "Q4_1"]
     assert LLM(model=path, quantization="gguf").llm_engine.runner.decode_graph is not None
+    assert LLM(model=path).llm_engine.runner.decode_graph is not None  # float32, packed linears
     assert LLM(model=path, quantization="gguf", enforce_eager=True).llm_engine.runner.decode_graph is None
-    assert LLM(model=path).llm_engine.runner.decode_graph is None  # dequantized: the eager model
-    assert LLM(model=path, quantization="gguf", attention_backend="torch").llm_engine.runner.decode_graph is None
+    assert LLM(model=path, attention_backend="torch").llm_engine.runner.decode_graph is None
+    assert LLM(model=path, dtype="bfloat16").llm_engine.runner.decode_graph is None
 
 
 def test_decode_graph_refuses_token_ids_outside_the_vocabulary(tiny_ggufs):

@@ -46,7 +46,9 @@ def test_shutdown_drains_then_ends_the_rest(tiny_model_dir, tmp_path):
     config = ServerConfig(audit_log=str(audit), shutdown_timeout=grace)
     engine = AsyncEngine(LLMEngine(model=tiny_model_dir, **ENGINE), max_waiting=config.max_waiting)
     # every step takes at least 20 ms: 240 tokens outlast the grace period, 20 do not
-    engine.engine.runner.model.layers[0].register_forward_pre_hook(lambda *_: time.sleep(0.02))
+    runner = engine.engine.runner
+    execute = runner.execute
+    runner.execute = lambda sched: time.sleep(0.02) or execute(sched)
     app = build_app(engine, config)
     server, thread, sock, base = serve_in_thread(app, config)
     stopped_at = {}

@@ -1,15 +1,17 @@
-"""DecodeGraph: a decode step of a quantized LLaMA-family model replayed as a fixed list of C kernel calls.
+"""DecodeGraph: a small decode step of a LLaMA-family model replayed as a fixed list of kernel calls.
 
 In a one-stream decode step of the default model kept quantized, the kernels work ~6 ms and the Python
 around ~300 op calls (module calls, torch.ops dispatch into Python kernels, argument structs, OpenMP
-workers that fall asleep between calls) costs ~10 ms more (docs/PERFORMANCE.md). The graph builds every
-kernel's argument struct once per row count, over buffers it owns, so a step is a few copies of its
-inputs and ten ctypes calls a layer. It runs the same kernels as the eager forward on the same inputs,
-so its results are bitwise the eager ones (tested). Like vLLM's CUDA graphs it serves pure-decode steps
-of up to `max_rows` sequences, and the engine option `enforce_eager` turns it off.
+workers that fall asleep between calls) costs ~10 ms more (docs/PERFORMANCE.md). The graph binds every
+kernel call's arguments once per row count, over buffers it owns, so a step is a few copies of its
+inputs and about ten bound calls a layer: ctypes calls of our C kernels, and for float32 weights
+oneDNN's packed linear (its result copied into the graph's buffer). It runs the same kernels as the
+eager forward on the same inputs, so its results are bitwise the eager ones (tested). Like vLLM's CUDA
+graphs it serves pure-decode steps of up to `max_rows` sequences, and the engine option
+`enforce_eager` turns it off.
 
-It applies where every kernel of the layer is ours: float32 on the CPU, all linears and the embedding
-kept quantized (quantization="gguf"), the `cpu` attention backend, and the C libraries built.
+It applies to float32 on the CPU with the `cpu` attention backend and our C libraries built, the
+linears packed (packed_linear.py) or kept quantized (quantization="gguf").
 """
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ from pagedserve import native
 from pagedserve.attention import AttentionMetadata, cpu_kernel
 from pagedserve.model import cpu_ops, ggml_linear
 from pagedserve.model.ggml_linear import GGMLEmbedding, GGMLLinear
+from pagedserve.model.packed_linear import PackedLinear
 
 KVCache = tuple[torch.Tensor, torch.Tensor]
 
@@ -34,10 +37,12 @@ def unsupported(model: torch.nn.Module, kv_caches: list[KVCache], backend_name: 
         return "it runs float32 KV caches on the CPU"
     if model.norm.weight.dtype != torch.float32:
         return "it runs float32 models"
-    layer_linears = [m for layer in model.layers for m in (layer.self_attn.qkv_proj, layer.self_attn.o_proj,
-                                                          layer.mlp.gate_up_proj, layer.mlp.down_proj)]
-    if not all(isinstance(m, GGMLLinear) for m in layer_linears) or not isinstance(model.embed_tokens, GGMLEmbedding):
-        return "its linears and embedding must all be kept quantized (quantization='gguf')"
+    linears = [m for layer in model.layers for m in (layer.self_attn.qkv_proj, layer.self_attn.o_proj,
+                                                     layer.mlp.gate_up_proj, layer.mlp.down_proj)]
+    if not all(isinstance(m, (GGMLLinear, PackedLinear)) for m in linears):
+        return "its linears must be packed by oneDNN or kept quantized"
+    if not isinstance(model.embed_tokens, (GGMLEmbedding, torch.nn.Embedding)):
+        return "its embedding must be an nn.Embedding or kept quantized"
     if None in (cpu_kernel.load_library(), cpu_ops.load_library(), ggml_linear.load_library()):
         return "a C library did not build"
     return None
@@ -100,7 +105,9 @@ class DecodeGraph:
         qkv_w = self.qkv.shape[1]
         keep: list = []
 
-        def linear(out: torch.Tensor, x: torch.Tensor, mod: GGMLLinear) -> tuple[Callable, tuple]:
+        def linear(out: torch.Tensor, x: torch.Tensor, mod: torch.nn.Module) -> tuple[Callable, tuple]:
+            if isinstance(mod, PackedLinear):
+                return _linear_into, (out[:m], x[:m], mod.forward)
             args = ggml_linear.linear_args(out[:m], x[:m], mod.qweight, mod.ggml_type, mod.bias)
             keep.append(args)
             return gl.ggml_linear, (ctypes.byref(args), t)
@@ -110,8 +117,11 @@ class DecodeGraph:
                                   mod.weight.data_ptr(), m, hd, hd, hd, hd, mod.eps, t)
 
         emb = model.embed_tokens
-        calls = [(gl.ggml_dequant_rows, (emb.qweight.data_ptr(), emb.qweight.stride(0), emb.ggml_type, hd,
-                                         self.ids.data_ptr(), m, self.stream.data_ptr(), t))]
+        if isinstance(emb, GGMLEmbedding):
+            calls = [(gl.ggml_dequant_rows, (emb.qweight.data_ptr(), emb.qweight.stride(0), emb.ggml_type, hd,
+                                             self.ids.data_ptr(), m, self.stream.data_ptr(), t))]
+        else:
+            calls = [(_embed_into, (self.stream[:m], emb.weight, self.ids[:m]))]
         q_view = self.qkv[:m, :self.q_size].view(m, model.config.num_attention_heads, model.config.head_dim)
         for i, (layer, (k_cache, v_cache)) in enumerate(zip(model.layers, self.kv_caches)):
             sa = layer.self_attn
@@ -137,3 +147,12 @@ class DecodeGraph:
             calls.append(linear(self.mlp_out, self.act, layer.mlp.down_proj))
         calls.append(norm(self.out, self.mlp_out, self.stream, model.norm))
         return calls, keep
+
+
+def _linear_into(out: torch.Tensor, x: torch.Tensor, forward: Callable) -> None:
+    """A torch linear's forward (oneDNN's packed op has no out= form), its result copied into the graph's buffer."""
+    out.copy_(forward(x))
+
+
+def _embed_into(out: torch.Tensor, weight: torch.Tensor, ids: torch.Tensor) -> None:
+    torch.index_select(weight, 0, ids, out=out)
