@@ -33,9 +33,9 @@ class ModelRunner:
         self.kv_caches = [(torch.zeros(shape, dtype=dtype, device=self.device),
                            torch.zeros(shape, dtype=dtype, device=self.device)) for _ in range(num_layers)]
         self.metadata_builder = MetadataBuilder(block_size, num_blocks, max_num_seqs, 64, self.device)
-        # Small pure-decode steps replay the model as fixed C calls where every kernel is ours (decode_graph.py).
+        # Pure-decode steps replay the model as a fixed list of kernel calls where it can (decode_graph.py).
         why_not = "enforce_eager" if enforce_eager else decode_graph.unsupported(model, self.kv_caches, self.backend.name)
-        self.decode_graph = None if why_not else decode_graph.DecodeGraph(model, self.kv_caches)
+        self.decode_graph = None if why_not else decode_graph.DecodeGraph(model, self.kv_caches, max_num_seqs)
 
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> torch.Tensor:
