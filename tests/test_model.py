@@ -141,6 +141,15 @@ def test_tiny_batched_mixed_steps_match_transformers(tiny):
     torch.testing.assert_close(torch.cat(pieces_b), ref_logits(ref, b), atol=1e-4, rtol=0)
 
 
+def test_positions_beyond_the_rope_table_are_refused(tiny):
+    _, lm = tiny
+    h = PagedHarness(lm.model, 1, 4)
+    meta = AttentionMetadata.build([h.tables[0]], [4], [4], h.block_size)
+    p = lm.config.max_position_embeddings
+    with pytest.raises(IndexError, match="beyond the model's"):  # the rotary op would read past its table
+        lm.model(torch.tensor([5, 6, 7, 8]), torch.arange(p - 2, p + 2), h.kv, meta)
+
+
 def test_sharded_checkpoint_and_tokenizer_override(tmp_path):
     ref = build_tiny_hf_model(str(tmp_path / "whole"), "llama")
     ref.save_pretrained(tmp_path / "sharded", max_shard_size="100KB")

@@ -43,7 +43,7 @@ def unsupported(model: torch.nn.Module, kv_caches: list[KVCache], backend_name: 
         return "its linears must be packed by oneDNN or kept quantized"
     if not isinstance(model.embed_tokens, (GGMLEmbedding, torch.nn.Embedding)):
         return "its embedding must be an nn.Embedding or kept quantized"
-    if None in (cpu_kernel.load_library(), cpu_ops.load_library(), ggml_linear.load_library()):
+    if cpu_kernel.load_library() is None or cpu_ops.load_library() is None:
         return "a C library did not build"
     return None
 
