@@ -71,6 +71,42 @@ def test_kernel_computes_the_int8_block_product(qtype, m):
 
 
 @pytest.mark.parametrize("qtype", TYPES)
+@pytest.mark.parametrize("blocks", [8, 9, 65, 131])  # the 8-wide scale loop, its tail, and chunks of 64 blocks
+def test_kernel_at_real_row_lengths(qtype, blocks):
+    g = torch.Generator().manual_seed(blocks)
+    weight, deq = quantize(torch.randn(13, 32 * blocks, generator=g), qtype)
+    for m in (1, 5):
+        x = torch.randn(m, 32 * blocks, generator=g)
+        ref = kernel_reference(x, weight, deq, None)
+        torch.testing.assert_close(gl.ggml_linear(x, weight).double(), ref, rtol=0, atol=2e-5 * float(ref.abs().max()))
+
+
+@pytest.mark.parametrize("qtype", TYPES)
+def test_kernel_without_avx2_computes_the_same(qtype, tmp_path, monkeypatch):
+    import ctypes
+    from pagedserve import native
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    lib = native.load(gl.SOURCE, ("-mno-avx2", "-mno-fma", "-mno-f16c"))  # the scalar loops
+    lib.ggml_linear.argtypes = [ctypes.POINTER(gl.LinearArgs), ctypes.c_int]
+    g = torch.Generator().manual_seed(3)
+    weight, deq = quantize(torch.randn(11, 32 * 67, generator=g), qtype)
+    x = torch.randn(6, 32 * 67, generator=g)
+    out = torch.empty(6, 11)
+    assert lib.ggml_linear(ctypes.byref(gl.linear_args(out, x, weight.data, weight.ggml_type, None)), 2) == 0
+    ref = kernel_reference(x, weight, deq, None)
+    torch.testing.assert_close(out.double(), ref, rtol=0, atol=2e-5 * float(ref.abs().max()))
+
+
+@pytest.mark.parametrize("qtype", TYPES)
+def test_a_nan_input_gives_nan_outputs(qtype):
+    weight, _ = quantize(torch.randn(7, 64, generator=torch.Generator().manual_seed(4)), qtype)
+    x = torch.randn(2, 64)
+    x[1, 40] = float("nan")
+    y = gl.ggml_linear(x, weight)
+    assert y[0].isfinite().all() and y[1].isnan().all()
+
+
+@pytest.mark.parametrize("qtype", TYPES)
 def test_dequantize_rows_matches_llama_cpps_reference(qtype):
     weight, deq = quantize(torch.randn(50, 64, generator=torch.Generator().manual_seed(1)), qtype)
     assert torch.equal(weight.dequantize(), deq)
@@ -227,6 +263,7 @@ def test_decode_graph_gives_the_eager_results_bitwise(tiny_ggufs, arch, quantiza
     eager, graphed, graph = generate_both_ways(tiny_ggufs[arch, "Q4_1"], prompts, max_num_seqs=3,
                                                quantization=quantization)
     assert graph is not None and graph.num_runs == len(rows) and set(rows) == {1, 2, 3}
+    assert graph.tables.shape[1] > 1  # the block tables outgrew the first buffer: the graphs were rebuilt
     assert graphed == eager
 
 

@@ -84,7 +84,9 @@ for _name in ("rms_norm", "silu_and_mul", "rotary"):
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None) -> torch.Tensor:
     """x: [T, H] -> RMSNorm(x) * weight, a new tensor. With residual: residual += x in place first, and
     the sum is normalised (the pre-norm residual stream of a decoder layer)."""
-    if _fused(x) and weight.dtype == torch.float32 and x.stride(-1) == 1 and (residual is None or residual.stride(-1) == 1):
+    if (_fused(x) and x.dim() == 2 and x.stride(-1) == 1 and weight.dtype == torch.float32 and weight.is_contiguous()
+            and (residual is None or (residual.dtype == x.dtype and residual.shape == x.shape
+                                      and residual.stride(-1) == 1))):
         out = torch.empty(x.shape, dtype=x.dtype)
         torch.ops.pagedserve.rms_norm(out, x, residual, weight, eps, _threads())
         return out
@@ -97,7 +99,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.
 def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
     """gate_up: [T, 2I] -> silu(gate) * up, [T, I] (SwiGLU)."""
     half = gate_up.shape[-1] // 2
-    if _fused(gate_up) and gate_up.stride(-1) == 1:
+    if _fused(gate_up) and gate_up.dim() == 2 and gate_up.stride(-1) == 1:
         out = torch.empty(gate_up.shape[0], half, dtype=gate_up.dtype)
         torch.ops.pagedserve.silu_and_mul(out, gate_up, _threads())
         return out
@@ -110,8 +112,9 @@ def apply_rotary_(x: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tenso
     x: [T, heads, D] (heads contiguous; tokens may be any stride apart, e.g. a view into a fused qkv
     buffer); positions: [T] int64; cos_sin: [P, D], cos of each position's D/2 angles then their sin.
     """
-    if _fused(x) and cos_sin.dtype == torch.float32 and x.stride(2) == 1 and x.stride(1) == x.shape[2]:
-        torch.ops.pagedserve.rotary(x, positions.contiguous(), cos_sin, _threads())
+    if (_fused(x) and x.dim() == 3 and cos_sin.dtype == torch.float32 and cos_sin.is_contiguous()
+            and x.stride(2) == 1 and x.stride(1) == x.shape[2]):
+        torch.ops.pagedserve.rotary(x, positions.to(torch.int64).contiguous(), cos_sin, _threads())
         return
     cs = cos_sin[positions].unsqueeze(1)  # [T, 1, D]
     half = x.shape[-1] // 2

@@ -79,6 +79,8 @@ class DecodeGraph:
         vocab = self.model.embed_tokens.num_embeddings
         if int(input_ids.min()) < 0 or int(input_ids.max()) >= vocab:  # the kernels index with them unchecked
             raise IndexError(f"token id out of range [0, {vocab})")
+        if max(meta.seq_lens_list) > self.model.rope_cos_sin.shape[0]:  # so are the positions
+            raise IndexError(f"position beyond the model's {self.model.rope_cos_sin.shape[0]} positions")
         threads = native.thread_count(torch.get_num_threads())
         width = meta.block_tables.shape[1]
         if width > self.tables.shape[1] or threads != self._threads:  # pointers or threads change: rebuild
@@ -93,8 +95,8 @@ class DecodeGraph:
         if m not in self._graphs:
             self._graphs[m] = self._build(m)
         for fn, args in self._graphs[m][0]:
-            if fn(*args):
-                raise MemoryError(f"{fn.__name__}: a kernel could not allocate its scratch memory")
+            if rc := fn(*args):  # 0 or None: done; the kernels' other codes are scratch allocation failures
+                raise MemoryError(f"{fn.__name__} failed with code {rc} (scratch memory)")
         self.num_runs += 1
         return self.out[:m]
 

@@ -148,8 +148,8 @@ def _threads() -> int:
 
 def ggml_linear(x: torch.Tensor, weight: GGMLWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x [T, in_features] (float32, any dtype is computed in float32) -> [T, out_features] in x's dtype."""
-    if x.shape[-1] != weight.in_features:
-        raise ValueError(f"x has {x.shape[-1]} features, the weight takes {weight.in_features}")
+    if x.dim() != 2 or x.shape[1] != weight.in_features:
+        raise ValueError(f"expected x of shape [T, {weight.in_features}], got {tuple(x.shape)}")
     return _linear(x, weight.data, weight.ggml_type, weight.out_features,
                    None if bias is None else bias.float().contiguous())
 
@@ -187,6 +187,8 @@ class GGMLLinear(nn.Module):
         return GGMLWeight(self.qweight, self.ggml_type, self.in_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 2 or x.shape[1] != self.in_features:  # the kernel reads in_features a row, unchecked
+            raise ValueError(f"expected x of shape [T, {self.in_features}], got {tuple(x.shape)}")
         return _linear(x, self.qweight, self.ggml_type, self.out_features, self.bias)
 
     def extra_repr(self) -> str:

@@ -132,7 +132,10 @@ static void quantize_inputs(const LinearArgs *a, int paired, int8_t *xq, float *
                 amax = fmaxf(amax, fabsf(xb[j]));
                 sum += xb[j];
             }
-            const float d = amax / 127.0f, inv = d > 0.0f ? 1.0f / d : 0.0f;
+            /* A NaN or infinity makes the block's scale NaN, so every product with it is NaN (as in float);
+             * its int8 values are then 0 rather than an undefined cast. */
+            const int finite = isfinite(amax) && isfinite(sum);
+            const float d = finite ? amax / 127.0f : NAN, inv = finite && d > 0.0f ? 1.0f / d : 0.0f;
             const int in_pair = paired && (b % 2 == 1 || b + 1 < nb);
             int8_t *dst = xq + (i * nb + b - (in_pair ? b % 2 : 0)) * QK;
             for (int j = 0; j < QK; j++) {
