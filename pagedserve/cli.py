@@ -28,8 +28,8 @@ ENGINE_HELP = {
     "quantization": "none: a GGUF model is dequantized into --dtype at load; gguf: its Q4_0/Q4_1/Q8_0 weights "
                     "stay quantized and decode reads them through a C kernel (CPU; activations rounded to int8 "
                     "per 32 values, as llama.cpp does)",
-    "enforce_eager": "run every step through the eager model; without it, pure-decode steps of up to 8 sequences "
-                     "of a quantized model on the CPU replay as a fixed list of C kernel calls (same results)",
+    "enforce_eager": "run every step through the eager model; without it, pure-decode steps in float32 on the CPU "
+                     "replay as a fixed list of kernel calls (the decode graph: the same results, less overhead)",
 }
 # What an engine option left unset (None) means, for --help.
 ENGINE_UNSET = {

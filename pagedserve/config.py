@@ -44,7 +44,7 @@ class EngineConfig:
     num_threads: int | None = None    # torch CPU threads; None: torch's default
     attention_backend: str = "auto"   # auto | torch | cpu: the paged-attention implementation
     quantization: str = "none"        # none | gguf: keep a GGUF's Q4_0/Q4_1/Q8_0 weights quantized (CPU)
-    enforce_eager: bool = False       # never replay small decode steps as a C-call graph (model/decode_graph.py)
+    enforce_eager: bool = False       # never replay pure-decode steps as the decode graph (model/decode_graph.py)
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
