@@ -37,9 +37,15 @@ def force_one_thread() -> None:
     _OneThread.forced = True
 
 
-def thread_count(requested: int) -> int:
-    """The threads a kernel call may use: `requested`, or 1 where a team cannot be trusted (see _OneThread)."""
-    return 1 if _OneThread.forced else requested
+def thread_count(requested: int | None = None) -> int:
+    """The threads a kernel call may use: `requested` (default: torch's thread count), or 1 where a team
+    cannot be trusted (see _OneThread)."""
+    if _OneThread.forced:
+        return 1
+    if requested:
+        return requested
+    import torch  # the build helpers above need no torch; a kernel call has it loaded already
+    return torch.get_num_threads()
 
 
 def openmp_runtimes() -> set[str]:
@@ -97,6 +103,16 @@ def build(source: Path, cc: list[str], out_dir: Path, extra_flags: tuple[str, ..
         if os.path.exists(tmp):
             os.unlink(tmp)
     return so
+
+
+def try_load(source: Path, log: logging.Logger, unavailable: str, extra_flags: tuple[str, ...] = ()) -> ctypes.CDLL | None:
+    """load(), or None after one warning `unavailable: why` on `log` when the kernel cannot be built or
+    loaded (no compiler, a build error, an unwritable cache): every caller has a slower path to fall back on."""
+    try:
+        return load(source, extra_flags)
+    except Exception as e:  # noqa: BLE001  whatever the compiler or the loader raised, the fallback holds
+        log.warning("%s: %s", unavailable, e)
+        return None
 
 
 def load(source: Path, extra_flags: tuple[str, ...] = ()) -> ctypes.CDLL:

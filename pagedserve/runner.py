@@ -34,8 +34,8 @@ class ModelRunner:
                            torch.zeros(shape, dtype=dtype, device=self.device)) for _ in range(num_layers)]
         self.metadata_builder = MetadataBuilder(block_size, num_blocks, max_num_seqs, 64, self.device)
         # Pure-decode steps replay the model as a fixed list of kernel calls where it can (decode_graph.py).
-        why_not = "enforce_eager" if enforce_eager else decode_graph.unsupported(model, self.kv_caches, self.backend.name)
-        self.decode_graph = None if why_not else decode_graph.DecodeGraph(model, self.kv_caches, max_num_seqs)
+        use_graph = not enforce_eager and decode_graph.unsupported(model, self.kv_caches, self.backend.name) is None
+        self.decode_graph = decode_graph.DecodeGraph(model, self.kv_caches, max_num_seqs) if use_graph else None
 
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> torch.Tensor:

@@ -15,7 +15,7 @@ class CpuBackend(TorchBackend):
     def unsupported(cls, device, dtype, head_size, block_size):
         if torch.device(device).type != "cpu":
             return f"it runs on the CPU, not {device}"
-        if dtype not in (torch.float32, torch.bfloat16):
+        if dtype not in cpu_kernel.DTYPES:
             return f"it supports float32 and bfloat16, not {dtype}"
         if not cpu_kernel.available():
             return "its C kernel did not build (see the warning above)"

@@ -23,6 +23,7 @@ log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("csrc") / "paged_decode.c"
 _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}  # the C side's *_bf16 flags
+DTYPES = tuple(_DTYPE_CODES)  # what the kernel reads and writes
 
 
 class DecodeArgs(ctypes.Structure):
@@ -43,10 +44,8 @@ class DecodeArgs(ctypes.Structure):
 @functools.cache
 def load_library() -> ctypes.CDLL | None:
     """The compiled kernel, built on the first call; None, after one warning, when it cannot be built."""
-    try:
-        lib = native.load(SOURCE)
-    except Exception as e:  # noqa: BLE001  no compiler, build error, unwritable cache, bad .so: torch still works
-        log.warning("fused CPU decode attention unavailable, decode attention uses the torch path: %s", e)
+    lib = native.try_load(SOURCE, log, "fused CPU decode attention unavailable, decode attention uses the torch path")
+    if lib is None:
         return None
     lib.paged_decode.argtypes = [ctypes.POINTER(DecodeArgs), ctypes.c_int]
     lib.paged_decode.restype = ctypes.c_int
@@ -118,5 +117,5 @@ def decode_attention(out: torch.Tensor, q: torch.Tensor, k_cache: torch.Tensor, 
     if block_tables.stride(1) != 1:
         block_tables = block_tables.contiguous()
     seq_lens = seq_lens.to(torch.int64).contiguous()
-    threads = native.thread_count(num_threads or torch.get_num_threads())
+    threads = native.thread_count(num_threads)
     torch.ops.pagedserve.paged_decode(out, q, k_cache, v_cache, block_tables, seq_lens, scale, threads)

@@ -29,10 +29,8 @@ _P, _I64, _F, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_i
 @functools.cache
 def load_library() -> ctypes.CDLL | None:
     """The compiled ops, built on the first call; None, after one warning, when they cannot be built."""
-    try:
-        lib = native.load(SOURCE, EXTRA_FLAGS)
-    except Exception as e:  # noqa: BLE001  no compiler, build error: the torch ops still work
-        log.warning("fused CPU layer ops unavailable, the torch ops run instead: %s", e)
+    lib = native.try_load(SOURCE, log, "fused CPU layer ops unavailable, the torch ops run instead", EXTRA_FLAGS)
+    if lib is None:
         return None
     lib.rms_norm.argtypes = [_P, _P, _P, _P, _I64, _I64, _I64, _I64, _I64, _F, _INT]
     lib.silu_and_mul.argtypes = [_P, _P, _I64, _I64, _I64, _I64, _INT]
@@ -45,10 +43,6 @@ def load_library() -> ctypes.CDLL | None:
 
 def _fused(x: torch.Tensor) -> bool:
     return x.dtype == torch.float32 and x.device.type == "cpu" and load_library() is not None
-
-
-def _threads() -> int:
-    return native.thread_count(torch.get_num_threads())
 
 
 def _rms_norm_impl(out, x, residual, weight, eps, num_threads) -> None:
@@ -88,7 +82,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.
             and (residual is None or (residual.dtype == x.dtype and residual.shape == x.shape
                                       and residual.stride(-1) == 1))):
         out = torch.empty(x.shape, dtype=x.dtype)
-        torch.ops.pagedserve.rms_norm(out, x, residual, weight, eps, _threads())
+        torch.ops.pagedserve.rms_norm(out, x, residual, weight, eps, native.thread_count())
         return out
     if residual is not None:
         x = residual.add_(x)
@@ -101,7 +95,7 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
     half = gate_up.shape[-1] // 2
     if _fused(gate_up) and gate_up.dim() == 2 and gate_up.stride(-1) == 1:
         out = torch.empty(gate_up.shape[0], half, dtype=gate_up.dtype)
-        torch.ops.pagedserve.silu_and_mul(out, gate_up, _threads())
+        torch.ops.pagedserve.silu_and_mul(out, gate_up, native.thread_count())
         return out
     return F.silu(gate_up[:, :half]).mul_(gate_up[:, half:])
 
@@ -114,7 +108,7 @@ def apply_rotary_(x: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tenso
     """
     if (_fused(x) and x.dim() == 3 and cos_sin.dtype == torch.float32 and cos_sin.is_contiguous()
             and x.stride(2) == 1 and x.stride(1) == x.shape[2]):
-        torch.ops.pagedserve.rotary(x, positions.to(torch.int64).contiguous(), cos_sin, _threads())
+        torch.ops.pagedserve.rotary(x, positions.to(torch.int64).contiguous(), cos_sin, native.thread_count())
         return
     cs = cos_sin[positions].unsqueeze(1)  # [T, 1, D]
     half = x.shape[-1] // 2

@@ -76,12 +76,10 @@ class DecodeGraph:
         m = input_ids.shape[0]
         if meta.num_decodes != m or m > self.max_rows:
             raise ValueError(f"the graph runs pure-decode steps of at most {self.max_rows} sequences")
-        vocab = self.model.embed_tokens.num_embeddings
-        if int(input_ids.min()) < 0 or int(input_ids.max()) >= vocab:  # the kernels index with them unchecked
-            raise IndexError(f"token id out of range [0, {vocab})")
+        ggml_linear.check_row_ids(input_ids, self.model.embed_tokens.num_embeddings)
         if max(meta.seq_lens_list) > self.model.rope_cos_sin.shape[0]:  # so are the positions
             raise IndexError(f"position beyond the model's {self.model.rope_cos_sin.shape[0]} positions")
-        threads = native.thread_count(torch.get_num_threads())
+        threads = native.thread_count()
         width = meta.block_tables.shape[1]
         if width > self.tables.shape[1] or threads != self._threads:  # pointers or threads change: rebuild
             self.tables = torch.zeros(self.max_rows, max(width, 2 * self.tables.shape[1]), dtype=torch.int64)

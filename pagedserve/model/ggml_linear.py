@@ -78,10 +78,8 @@ class LinearArgs(ctypes.Structure):
 @functools.cache
 def load_library() -> ctypes.CDLL | None:
     """The compiled kernel, built on the first call; None, after one warning, when it cannot be built."""
-    try:
-        lib = native.load(SOURCE)
-    except Exception as e:  # noqa: BLE001  no compiler, build error, unwritable cache: the caller says what it means
-        log.warning("the GGUF quantized-weight kernel cannot be built: %s", e)
+    lib = native.try_load(SOURCE, log, "the GGUF quantized-weight kernel cannot be built")
+    if lib is None:
         return None
     lib.ggml_linear.argtypes = [ctypes.POINTER(LinearArgs), ctypes.c_int]
     lib.ggml_linear.restype = ctypes.c_int
@@ -142,10 +140,6 @@ def _(out, weight, ggml_type, rows, num_threads) -> None:
     return None
 
 
-def _threads() -> int:
-    return native.thread_count(torch.get_num_threads())
-
-
 def ggml_linear(x: torch.Tensor, weight: GGMLWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x [T, in_features] (float32, any dtype is computed in float32) -> [T, out_features] in x's dtype."""
     if x.dim() != 2 or x.shape[1] != weight.in_features:
@@ -159,8 +153,16 @@ def _linear(x: torch.Tensor, data: torch.Tensor, ggml_type: int, out_features: i
     """The hot path of GGMLLinear: a few microseconds a call matter in a decode step of ~120 calls."""
     xf = x if x.dtype == torch.float32 and x.stride(-1) == 1 else x.float().contiguous()
     out = torch.empty(x.shape[0], out_features, dtype=torch.float32)
-    torch.ops.pagedserve.ggml_linear(out, xf, data, ggml_type, bias, _threads())
+    torch.ops.pagedserve.ggml_linear(out, xf, data, ggml_type, bias, native.thread_count())
     return out if x.dtype == torch.float32 else out.to(x.dtype)
+
+
+def check_row_ids(ids: torch.Tensor, num_rows: int) -> None:
+    """Raise IndexError unless every id lies in [0, num_rows): the kernels index with them unchecked."""
+    if ids.numel():
+        lo, hi = torch.aminmax(ids)
+        if int(lo) < 0 or int(hi) >= num_rows:
+            raise IndexError(f"token id out of range [0, {num_rows})")
 
 
 def dequantize_rows(weight: GGMLWeight, rows: torch.Tensor | None) -> torch.Tensor:
@@ -168,7 +170,7 @@ def dequantize_rows(weight: GGMLWeight, rows: torch.Tensor | None) -> torch.Tens
     if rows is not None:
         rows = rows.to(torch.int64).contiguous()
     out = torch.empty(weight.out_features if rows is None else rows.numel(), weight.in_features)
-    torch.ops.pagedserve.ggml_dequant_rows(out, weight.data, weight.ggml_type, rows, _threads())
+    torch.ops.pagedserve.ggml_dequant_rows(out, weight.data, weight.ggml_type, rows, native.thread_count())
     return out
 
 
@@ -209,8 +211,7 @@ class GGMLEmbedding(nn.Module):
         return GGMLWeight(self.qweight, self.ggml_type, self.embedding_dim)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.num_embeddings):
-            raise IndexError(f"token id out of range [0, {self.num_embeddings})")
+        check_row_ids(ids, self.num_embeddings)
         return dequantize_rows(self.weight, ids.reshape(-1)).reshape(*ids.shape, self.embedding_dim)
 
     def extra_repr(self) -> str:
