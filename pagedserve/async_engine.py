@@ -16,12 +16,13 @@ import asyncio
 import logging
 import threading
 from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import AsyncIterator, Callable
 
 from pagedserve.engine import StepError
 from pagedserve.outputs import RequestOutput
-from pagedserve.sampling_params import SamplingParams
+from pagedserve.sampling_params import SamplingParams, StructuredOutputsParams
 
 logger = logging.getLogger(__name__)
 
@@ -127,6 +128,8 @@ class AsyncEngine:
         self._closed = False  # set under _cond when the loop ends: no command is taken after it
         self._dead: BaseException | None = None
         self._thread: threading.Thread | None = None
+        # Grammars compile here, not on the engine thread (whose steps every request waits on) nor the event loop.
+        self._grammar_compiler = ThreadPoolExecutor(1, thread_name_prefix="pagedserve-grammar")
 
     # ---- life cycle ---------------------------------------------------------------------------
     def start(self) -> None:
@@ -140,6 +143,7 @@ class AsyncEngine:
             self._cond.notify()
         if self._thread is not None:
             self._thread.join(timeout)
+        self._grammar_compiler.shutdown(wait=False, cancel_futures=True)
 
     @property
     def is_running(self) -> bool:
@@ -160,6 +164,8 @@ class AsyncEngine:
         if not self.is_running:
             raise EngineDeadError("the engine is not running")
         loop = asyncio.get_running_loop()
+        if params.structured_outputs is not None:  # the engine's own compile is then a cache hit
+            await self.compile_grammar(params.structured_outputs)
         cmd = _Add(request_id, prompt, params, cache_salt, loop, loop.create_future(), asyncio.Queue())
         self._submit(cmd)
         try:
@@ -168,6 +174,12 @@ class AsyncEngine:
             self.abort(request_id)  # queued behind the add, so it always finds it
             raise
         return RequestStream(self, request_id, cmd.outputs)
+
+    async def compile_grammar(self, grammar: StructuredOutputsParams) -> None:
+        """Compile (and cache) a grammar off the engine thread; raises GrammarError (a ValueError) saying why
+        it is invalid."""
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self._grammar_compiler, self.engine.structured_output.compile, grammar)
 
     async def generate(self, prompt, params: SamplingParams, request_id: str,
                        cache_salt: str | None = None) -> AsyncIterator[RequestOutput]:

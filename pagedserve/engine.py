@@ -24,9 +24,10 @@ from pagedserve.model.loader import load_model
 from pagedserve.outputs import CompletionOutput, Logprob, RequestOutput, SchedulerOutput
 from pagedserve.request import Request, RequestStatus
 from pagedserve.runner import ModelRunner, kv_bytes_per_block
-from pagedserve.sampler import SamplingBatch, min_tokens_banned_ids, sample
+from pagedserve.sampler import SamplingBatch, TokenLogprobs, min_tokens_banned_ids, sample
 from pagedserve.sampling_params import SamplingParams
 from pagedserve.scheduler import Scheduler, SchedulerConfig
+from pagedserve.structured_output import GrammarState, StructuredOutputManager, allowed_token_bitmask
 from pagedserve.tokenizer import OutputText, encode_prompt
 
 
@@ -51,6 +52,7 @@ class _Sample:
     seq: Request
     out: OutputText
     generator: torch.Generator | None
+    grammar: GrammarState | None = None  # structured output: where this sequence is in its grammar
     text: str = ""  # the text emitted so far (stop strings and held-back tails excluded)
     text_sent: int = 0
     tokens_sent: int = 0
@@ -71,6 +73,9 @@ class _Group:
     arrival_time: float = 0.0
     first_token_time: float | None = None
     last_token_time: float | None = None
+    # Prompt logprobs (when asked), one per prompt position computed so far; sent once the prompt is done.
+    prompt_logprobs: list[dict[int, Logprob] | None] = field(default_factory=lambda: [None])
+    prompt_logprobs_sent: bool = False
 
     @property
     def finished(self) -> bool:
@@ -110,6 +115,7 @@ class LLMEngine:
                                   num_blocks, config.block_size, loaded.dtype, config.device,
                                   config.attention_backend, config.max_num_seqs, config.enforce_eager)
         self.eos_token_ids = set(mc.eos_token_ids)
+        self.structured_output = StructuredOutputManager(self.tokenizer, mc.vocab_size, self.eos_token_ids)
         self.generator = torch.Generator(device=config.device).manual_seed(config.seed)
         self.groups: dict[str, _Group] = {}
         self._seq_owner: dict[str, tuple[_Group, _Sample]] = {}
@@ -136,6 +142,10 @@ class LLMEngine:
             raise ValueError(f"prompt token ids must be in [0, {vocab})")
         if any(not 0 <= t < vocab for t in params.stop_token_ids):
             raise ValueError(f"stop_token_ids must be in [0, {vocab}), got {params.stop_token_ids}")
+        bad_bias = [t for t in params.logit_bias or {} if not 0 <= t < vocab]
+        if bad_bias:
+            raise ValueError(f"logit_bias: token ids must be in [0, {vocab}), got {bad_bias[:8]}")
+        grammar = params.structured_outputs
         samples = []
         for i in range(params.n):
             seq = Request(_sample_id(request_id, i), token_ids, params, cache_salt=cache_salt, sample_index=i,
@@ -143,7 +153,8 @@ class LLMEngine:
             gen = None
             if params.seed is not None:
                 gen = torch.Generator().manual_seed(params.seed + i)
-            samples.append(_Sample(seq, OutputText(self.tokenizer, params, token_ids), gen))
+            state = self.structured_output.matcher(grammar) if grammar is not None else None  # GrammarError
+            samples.append(_Sample(seq, OutputText(self.tokenizer, params, token_ids), gen, state))
         self.scheduler.add_request(samples[0].seq)  # validates the length against window and pool
         group = _Group(request_id, text, token_ids, params, samples, forked=params.n == 1,
                        arrival_time=arrival_time or time.monotonic())
@@ -207,28 +218,47 @@ class LLMEngine:
             raise
 
     def _run_step(self, sched: SchedulerOutput) -> list[RequestOutput]:
-        logits = self.runner.execute(sched)
+        model_out = self.runner.execute(sched)
+        logits = model_out.logits
         # One row per sampled sequence; a group sampling its first token also gives its other samples
         # a row each, on the same logits (they fork from the first once the step is committed).
         rows: list[tuple[_Group, _Sample]] = []
         row_index: list[int] = []
+        prompt_only: list[_Group] = []  # max_tokens=0: the prompt is computed, nothing is sampled
         for j, seq in enumerate(s for s in sched.sequences if s.sample):
             group, first = self._seq_owner[seq.request_id]
+            if group.params.max_tokens == 0:
+                prompt_only.append(group)
+                continue
             samples = group.samples if not group.forked else [first]
             rows += [(group, s) for s in samples]
             row_index += [j] * len(samples)
-        if len(row_index) != logits.shape[0]:
-            logits = logits[torch.tensor(row_index)]
-        with torch.inference_mode():  # the logits are inference tensors: the sampler edits them in place
-            result = sample(logits, self._sampling_batch(rows, logits.device))
+        if row_index != list(range(logits.shape[0])):
+            logits = logits[torch.tensor(row_index, dtype=torch.int64)]
+        result = None
+        if rows:
+            with torch.inference_mode():  # the logits are inference tensors: the sampler edits them in place
+                result = sample(logits, self._sampling_batch(rows, logits.device))
         self.scheduler.commit_step()
+        moved: dict[str, _Group] = {}
+        for seq in sched.sequences:
+            entries = model_out.prompt_logprobs.get(seq.request_id)
+            if entries:
+                group = self._seq_owner[seq.request_id][0]
+                self._add_prompt_logprobs(group, seq.start_pos + 1, entries)
+        for group in prompt_only:
+            for s in group.samples:
+                s.finish_reason = "length"
+                self.scheduler.finish(s.seq, RequestStatus.FINISHED_LENGTH)
+            moved[group.request_id] = group
+        if result is None:
+            return [self._make_output(g) for g in moved.values()]
         for group, s in rows:
             if not group.forked:  # the prompt is done: the other samples share its blocks from here
                 group.forked = True
                 for child in group.samples[1:]:
                     self.scheduler.add_forked(s.seq, child.seq)
         now = time.monotonic()
-        moved: dict[str, _Group] = {}
         for r, (group, s) in enumerate(rows):
             token = result.token_ids[r]
             s.seq.append_output_token(token)
@@ -239,20 +269,41 @@ class LLMEngine:
                     lp.decoded_token = self.tokenizer.decode([tid])
                 s.logprobs.append(entry)
                 s.cumulative_logprob += entry[token].logprob
-            self._check_stop(group, s, token)
+            # A grammar that reached its end (its stop token accepted) ends the sequence, even under ignore_eos.
+            grammar_done = s.grammar is not None and (not s.grammar.accept(token) or s.grammar.finished)
+            self._check_stop(group, s, token, grammar_done)
             group.first_token_time = group.first_token_time or now
             group.last_token_time = now
             moved[group.request_id] = group
         return [self._make_output(g) for g in moved.values()]
 
+    def _add_prompt_logprobs(self, group: _Group, position: int, entries: list[TokenLogprobs]) -> None:
+        """Keep the logprobs of prompt tokens position, position + 1, ...; a chunk computed again after a
+        preemption brings positions already kept, which are skipped."""
+        have = group.prompt_logprobs
+        for entry in entries[len(have) - position:] if position <= len(have) else []:
+            lps = entry.as_dict()
+            for tid, lp in lps.items():
+                lp.decoded_token = self.tokenizer.decode([tid])
+            have.append(lps)
+
     def _sampling_batch(self, rows: list[tuple[_Group, _Sample]], device: torch.device) -> SamplingBatch:
-        banned = [min_tokens_banned_ids(g.params, s.seq.num_output_tokens, self.eos_token_ids) for g, s in rows]
+        # A grammar decides itself when EOS may come: min_tokens does not ban it there (the ban could leave
+        # no token at all).
+        banned = [min_tokens_banned_ids(g.params, s.seq.num_output_tokens, self.eos_token_ids)
+                  if s.grammar is None else None for g, s in rows]
+        grammar_rows = [r for r, (_, s) in enumerate(rows) if s.grammar is not None]
+        grammar = None
+        if grammar_rows:
+            states = [rows[r][1].grammar for r in grammar_rows]
+            grammar = (grammar_rows, allowed_token_bitmask(states, self.model_config.vocab_size))
         return SamplingBatch.build(
             [g.params for g, _ in rows], [s.seq.output_token_ids for _, s in rows],
             [g.prompt_token_ids for g, _ in rows], [s.generator for _, s in rows],
-            vocab_size=self.model_config.vocab_size, device=device, banned_token_ids=banned, generator=self.generator)
+            vocab_size=self.model_config.vocab_size, device=device, banned_token_ids=banned, generator=self.generator,
+            grammar=grammar)
 
-    def _check_stop(self, group: _Group, s: _Sample, token: int) -> None:
+    def _check_stop(self, group: _Group, s: _Sample, token: int, grammar_done: bool = False) -> None:
         p, seq = group.params, s.seq
         n_out = seq.num_output_tokens
         reason = stop_reason = None
@@ -265,6 +316,8 @@ class LLMEngine:
             s.text += delta.text
             if delta.stop_str is not None:
                 reason, stop_reason = "stop", delta.stop_str
+        if reason is None and grammar_done:
+            reason = "stop"
         if reason is None and (n_out >= p.max_tokens or seq.num_tokens >= self.max_model_len):
             reason = "length"
         if reason is not None:
@@ -285,6 +338,10 @@ class LLMEngine:
                 logprobs=s.logprobs[s.tokens_sent:] if g.params.logprobs is not None else None,
                 finish_reason=s.finish_reason, stop_reason=s.stop_reason))
             s.text_sent, s.tokens_sent = len(s.text), len(tokens)
+        prompt_logprobs = None
+        if (g.params.prompt_logprobs is not None and not g.prompt_logprobs_sent
+                and len(g.prompt_logprobs) == len(g.prompt_token_ids)):
+            prompt_logprobs, g.prompt_logprobs_sent = g.prompt_logprobs, True
         finished = g.finished
         if finished:
             self.groups.pop(g.request_id, None)
@@ -294,7 +351,8 @@ class LLMEngine:
             request_id=g.request_id, prompt=g.prompt, prompt_token_ids=g.prompt_token_ids, outputs=outs,
             finished=finished, num_cached_tokens=max(g.samples[0].seq.num_cached_tokens, 0),
             metrics={"arrival_time": g.arrival_time, "first_token_time": g.first_token_time,
-                     "last_token_time": g.last_token_time})
+                     "last_token_time": g.last_token_time},
+            prompt_logprobs=prompt_logprobs)
 
     # ---- introspection ----------------------------------------------------------------------
     def live_requests(self) -> list[Request]:

@@ -32,6 +32,8 @@ def merge_output(acc: RequestOutput | None, delta: RequestOutput) -> RequestOutp
     acc.finished = delta.finished
     acc.num_cached_tokens = delta.num_cached_tokens
     acc.metrics = delta.metrics
+    if delta.prompt_logprobs is not None:
+        acc.prompt_logprobs = delta.prompt_logprobs
     return acc
 
 

@@ -12,6 +12,10 @@ class ScheduledSequence:
     start_pos: int            # position of token_ids[0] (= tokens already in the KV cache)
     block_ids: list[int]      # the whole block table after this step's allocation
     sample: bool              # True when this chunk reaches the end of the sequence: sample a token
+    # Prompt logprobs: top-N wanted (None: not wanted), and the prompt tokens this chunk's positions predict
+    # (token_ids[1:] plus the next prompt token, if any): their log-probabilities are returned.
+    prompt_logprobs: int | None = None
+    prompt_targets: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -64,3 +68,6 @@ class RequestOutput:
     finished: bool
     num_cached_tokens: int = 0
     metrics: dict | None = None
+    # One entry per prompt token (None for the first, which nothing predicts), for requests that asked
+    # (SamplingParams.prompt_logprobs); sent once, in the first output after the prompt is computed.
+    prompt_logprobs: list[dict[int, Logprob] | None] | None = None

@@ -3,6 +3,7 @@ runs the model, returns logits."""
 from __future__ import annotations
 
 import itertools
+from dataclasses import dataclass, field
 
 import torch
 
@@ -10,6 +11,18 @@ from pagedserve.attention import MetadataBuilder, copy_blocks, select_backend
 from pagedserve.model import decode_graph
 from pagedserve.model.packed_linear import pack_linears
 from pagedserve.outputs import SchedulerOutput
+from pagedserve.sampler import TokenLogprobs, logprobs_of
+
+# Prompt logprobs are computed this many positions at a time: the logits of a whole prompt chunk (2048 x a
+# 50k vocabulary) would take 400 MB.
+PROMPT_LOGITS_ROWS = 256
+
+
+@dataclass
+class ModelOutput:
+    logits: torch.Tensor  # [num_sampled, V] float32: the last position of each sampled sequence, scheduler order
+    # Per sequence that asked (ScheduledSequence.prompt_logprobs): one entry per prompt_targets token.
+    prompt_logprobs: dict[str, list[TokenLogprobs]] = field(default_factory=dict)
 
 
 def kv_bytes_per_block(num_layers: int, num_kv_heads: int, head_dim: int, block_size: int, dtype: torch.dtype) -> int:
@@ -38,9 +51,9 @@ class ModelRunner:
         self.decode_graph = decode_graph.DecodeGraph(model, self.kv_caches, max_num_seqs) if use_graph else None
 
     @torch.inference_mode()
-    def execute(self, sched: SchedulerOutput) -> torch.Tensor:
+    def execute(self, sched: SchedulerOutput) -> ModelOutput:
         """Run one step; returns float32 logits [num_sampled, vocab] for the sequences with sample=True, in
-        the scheduler's order."""
+        the scheduler's order, and the prompt logprobs of the sequences that asked."""
         copy_blocks(self.kv_caches, sched.blocks_to_copy)
         query_lens = [len(s.token_ids) for s in sched.sequences]
         order = self.backend.order(query_lens)  # the layout the backend's kernels want
@@ -58,4 +71,17 @@ class ModelRunner:
         slot_of = {i: j for j, i in enumerate(order)}
         last = list(itertools.accumulate(query_lens[i] for i in order))
         rows = [last[slot_of[i]] - 1 for i, s in enumerate(sched.sequences) if s.sample]
-        return self.model.compute_logits(hidden[torch.tensor(rows, dtype=torch.int64, device=self.device)])
+        out = ModelOutput(self.model.compute_logits(hidden[torch.tensor(rows, dtype=torch.int64, device=self.device)]))
+        for i, s in enumerate(sched.sequences):
+            if s.prompt_logprobs is not None and s.prompt_targets:
+                first = last[slot_of[i]] - query_lens[i]
+                out.prompt_logprobs[s.request_id] = self._prompt_logprobs(
+                    hidden[first:first + len(s.prompt_targets)], s.prompt_targets, s.prompt_logprobs)
+        return out
+
+    def _prompt_logprobs(self, hidden: torch.Tensor, targets: list[int], top_n: int) -> list[TokenLogprobs]:
+        result: list[TokenLogprobs] = []
+        for a in range(0, len(targets), PROMPT_LOGITS_ROWS):
+            b = a + PROMPT_LOGITS_ROWS
+            result += logprobs_of(self.model.compute_logits(hidden[a:b]), targets[a:b], top_n)
+        return result

@@ -2,7 +2,8 @@
 
 Per step, for logits [S, V] (one row per sequence that samples):
   1. banned tokens (min_tokens: EOS / stop tokens) -> -inf; repetition penalty over prompt+output tokens,
-     then frequency and presence penalties over output tokens.
+     then frequency and presence penalties over output tokens, then logit_bias; then, for rows that follow
+     a grammar (structured output), every token the grammar does not allow -> -inf.
   2. logprobs, for rows that asked: log_softmax of these penalized logits, i.e. after penalties and bans but
      before temperature, min-p, top-k and top-p, so they describe the model and not the sampling knobs
      (vLLM's default, "raw" logprobs, likewise ignores the sampling knobs).
@@ -26,6 +27,7 @@ import torch
 
 from pagedserve.outputs import Logprob
 from pagedserve.sampling_params import SamplingParams
+from pagedserve.structured_output import unpack_bitmask
 
 # Top-p looks for each row's nucleus among its best 256 tokens, then its best 4096, then in a full sort (on
 # 2 CPU cores, per row of 49k: top-256 ~0.4 ms, top-4096 ~1.4 ms, sort ~5 ms). With SmolLM2-135M at
@@ -74,6 +76,11 @@ class SamplingBatch:
     repetition_penalty: torch.Tensor | None = None    # [Nr] the row's repetition penalty at each of them
     frequency_positions: torch.Tensor | None = None   # [Nf] unique flat positions of output tokens
     frequency_delta: torch.Tensor | None = None       # [Nf] frequency * count + presence, to subtract
+    bias_positions: torch.Tensor | None = None        # [Nb] flat positions of logit_bias entries
+    bias: torch.Tensor | None = None                  # [Nb] their biases, to add
+    # Grammars: the rows that follow one and, per such row, which tokens it allows.
+    grammar_rows: torch.Tensor | None = None          # [G]
+    grammar_bitmask: torch.Tensor | None = None       # [G, ceil(V / 32)] int32 (structured_output.py)
     # Greedy and random rows.
     greedy_rows: torch.Tensor | None = None          # [G]
     random_rows: torch.Tensor | None = None          # [R]
@@ -101,11 +108,13 @@ class SamplingBatch:
               device: torch.device | str = "cpu",
               *,
               banned_token_ids: Sequence[Sequence[int] | None] | None = None,
-              generator: torch.Generator | None = None) -> "SamplingBatch":
+              generator: torch.Generator | None = None,
+              grammar: tuple[Sequence[int], torch.Tensor] | None = None) -> "SamplingBatch":
         """Row i samples for params_list[i], having produced output_token_ids_list[i] after
         prompt_token_ids_list[i]. generators[i]: the request's own generator (seeded requests) or None.
         banned_token_ids[i]: token ids row i may not sample (see min_tokens_banned_ids).
         generator: draws the uniforms of unseeded rows (any device); None uses torch's default generator.
+        grammar: (rows, bitmask) for the rows that follow a grammar (structured_output.allowed_token_bitmask).
         Seeded rows' generators advance by one draw per step in which they sample at temperature > 0."""
         S, V = len(params_list), vocab_size
         b = cls(num_rows=S, vocab_size=V, generator=generator)
@@ -134,6 +143,15 @@ class SamplingBatch:
             pr = torch.tensor([p.presence_penalty for p in params_list], dtype=torch.float32, device=device)
             row_of = b.frequency_positions // V
             b.frequency_delta = f[row_of] * counts + pr[row_of]
+
+        bias = [i for i, p in enumerate(params_list) if p.logit_bias]
+        if bias:
+            tokens = [list(params_list[i].logit_bias) for i in bias]
+            b.bias_positions = _flat_positions(bias, tokens, V, device)
+            values = [v for i in bias for t, v in params_list[i].logit_bias.items() if 0 <= t < V]
+            b.bias = torch.tensor(values, dtype=torch.float32, device=device)
+        if grammar is not None and len(grammar[0]):
+            b.grammar_rows, b.grammar_bitmask = idx(list(grammar[0])), grammar[1].to(device)
 
         greedy = [i for i, p in enumerate(params_list) if p.greedy]
         rand = [i for i, p in enumerate(params_list) if not p.greedy]
@@ -197,7 +215,8 @@ def _take(x: torch.Tensor, rows: torch.Tensor | None, n: int) -> tuple[torch.Ten
 
 def apply_penalties(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
     """Bans, then repetition penalty (HF/vLLM: positive logits / r, negative * r, for tokens seen in prompt
-    or output), then OpenAI's frequency and presence penalties (logit -= f * count + p * [count > 0]).
+    or output), then OpenAI's frequency and presence penalties (logit -= f * count + p * [count > 0]), then
+    logit_bias (added), then the grammars' masks.
     logits: [S, V] contiguous, modified in place and returned."""
     flat = logits.view(-1)
     if batch.banned_positions is not None:
@@ -207,6 +226,14 @@ def apply_penalties(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
         flat[batch.repetition_positions] = torch.where(x > 0, x / r, x * r)
     if batch.frequency_positions is not None:
         flat[batch.frequency_positions] -= batch.frequency_delta
+    if batch.bias_positions is not None:
+        flat.index_add_(0, batch.bias_positions, batch.bias)
+    if batch.grammar_rows is not None:
+        allowed = unpack_bitmask(batch.grammar_bitmask, logits.shape[1])  # [G, V]
+        sub, copied = _take(logits, batch.grammar_rows, logits.shape[0])
+        sub.masked_fill_(~allowed, float("-inf"))
+        if copied:
+            logits[batch.grammar_rows] = sub
     return logits
 
 
@@ -295,6 +322,20 @@ def _logprobs(lp: torch.Tensor, tokens: torch.Tensor, batch: SamplingBatch) -> l
         n = batch.num_logprobs[i]
         out[i] = TokenLogprobs(tokens_l[j], chosen_l[j], ranks_l[j], top_i[j][:n], top_v[j][:n])
     return out
+
+
+def logprobs_of(logits: torch.Tensor, token_ids: Sequence[int], top_n: int) -> list[TokenLogprobs]:
+    """Raw log-probabilities (no penalty, bias or grammar) of token_ids[i] under logits[i], with its rank and
+    the row's top_n: what prompt_logprobs reports. logits: [n, V] float32."""
+    lp = torch.log_softmax(logits, dim=-1)
+    tokens = torch.tensor(list(token_ids), dtype=torch.int64, device=logits.device)
+    chosen = lp.gather(1, tokens.unsqueeze(1))  # [n, 1]
+    ranks = ((lp > chosen).sum(-1) + 1).tolist()
+    top = lp.topk(top_n, dim=-1) if top_n > 0 else None
+    top_i = top.indices.tolist() if top is not None else [[]] * len(ranks)
+    top_v = top.values.tolist() if top is not None else [[]] * len(ranks)
+    return [TokenLogprobs(t, c, r, ti, tv)
+            for t, c, r, ti, tv in zip(tokens.tolist(), chosen.squeeze(1).tolist(), ranks, top_i, top_v)]
 
 
 def sample(logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:

@@ -111,6 +111,8 @@ class Scheduler:
         while not preempted and self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             req = self.waiting[0]
             hits, num_hit = self.kv_cache.get_computed_blocks(req)
+            if req.sampling_params.prompt_logprobs is not None and req.num_output_tokens == 0:
+                hits, num_hit = [], 0  # every prompt position's logits are wanted: compute them all
             n = req.num_tokens - num_hit
             if n > budget and not self.config.enable_chunked_prefill:
                 if scheduled:
@@ -131,9 +133,14 @@ class Scheduler:
         out = SchedulerOutput(blocks_to_copy=self.kv_cache.take_blocks_to_copy(), preempted_ids=preempted)
         for req, n in scheduled:
             start = req.num_computed_tokens
-            out.sequences.append(ScheduledSequence(
+            seq = ScheduledSequence(
                 request_id=req.request_id, token_ids=req.all_token_ids[start:start + n], start_pos=start,
-                block_ids=self.kv_cache.get_block_ids(req.request_id), sample=start + n == req.num_tokens))
+                block_ids=self.kv_cache.get_block_ids(req.request_id), sample=start + n == req.num_tokens)
+            top_n = req.sampling_params.prompt_logprobs
+            if top_n is not None and req.num_output_tokens == 0 and start + 1 < req.num_prompt_tokens:
+                seq.prompt_logprobs = top_n
+                seq.prompt_targets = req.prompt_token_ids[start + 1:start + n + 1]
+            out.sequences.append(seq)
         self._in_flight = scheduled
         return out
 

@@ -1,0 +1,135 @@
+"""Structured output: grammars compiled by xgrammar, one matcher per sequence, a token bitmask per step.
+
+A request's StructuredOutputsParams (JSON schema, regex, choice, EBNF, any JSON object) is compiled once
+per distinct grammar (cached here and inside xgrammar) into a CompiledGrammar; each of the request's
+sequences walks it with its own GrammarMatcher. Every step the engine asks each such matcher for the set
+of tokens it allows, as a bitmask (one bit per vocabulary entry, 32 per int32 word), and the sampler masks
+the other logits to -inf in one batched op (sampler.apply_penalties). A sequence whose grammar reached its
+end stops. Requests without a grammar never touch this module: the tokenizer tables are built on the first
+grammar only.
+
+Compilation can take a while for a large schema, so the server compiles on its own thread before it hands
+the request to the engine (AsyncEngine.add_request); the engine's compile is then a cache hit.
+"""
+from __future__ import annotations
+
+import json
+import re
+import threading
+from collections import OrderedDict
+from typing import Sequence
+
+import torch
+
+from pagedserve.sampling_params import StructuredOutputsParams
+
+CACHE_SIZE = 256  # compiled grammars kept (distinct schemas), least recently used dropped first
+# A JSON grammar with free whitespace lets a model emit whitespace forever; bound each run of it.
+MAX_WHITESPACE = 8
+BITS = 32  # vocabulary entries per bitmask word
+
+
+class GrammarError(ValueError):
+    """The grammar (schema, regex, EBNF) is invalid or unsupported; the message says why."""
+
+
+def _clean(error: Exception) -> str:
+    """xgrammar's message without its '[time] /source/file.cc:line: ' prefix."""
+    text = str(error).strip()
+    return re.sub(r"^\[[\d:]+\] \S+:\d+: ", "", text)
+
+
+def _choice_grammar(choices: Sequence[str]) -> str:
+    """EBNF whose language is exactly the given strings (their JSON quoting is a valid EBNF literal)."""
+    return "root ::= " + " | ".join(json.dumps(c, ensure_ascii=False) for c in choices)
+
+
+class StructuredOutputManager:
+    """Compiles grammars for one tokenizer and vocabulary, and makes matchers. Thread-safe."""
+
+    def __init__(self, tokenizer, vocab_size: int, stop_token_ids: Sequence[int]) -> None:
+        self._tokenizer = tokenizer
+        self.vocab_size = vocab_size
+        self._stop_token_ids = sorted(stop_token_ids)
+        self._compiler = None
+        self._cache: OrderedDict[tuple, object] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def _get_compiler(self):
+        with self._lock:
+            if self._compiler is None:
+                import xgrammar as xgr  # the first grammar pays for the import and the token tables
+                info = xgr.TokenizerInfo.from_huggingface(self._tokenizer, vocab_size=self.vocab_size,
+                                                          stop_token_ids=self._stop_token_ids)
+                self._compiler = xgr.GrammarCompiler(info, max_threads=1)
+            return self._compiler
+
+    def compile(self, params: StructuredOutputsParams):
+        """The CompiledGrammar of params; raises GrammarError saying why it cannot be compiled."""
+        key = params.key()
+        with self._lock:
+            if key in self._cache:
+                self._cache.move_to_end(key)
+                return self._cache[key]
+        compiler = self._get_compiler()
+        kind, spec = params.kind, getattr(params, params.kind)
+        any_whitespace = not params.disable_any_whitespace
+        try:
+            if kind == "json":
+                schema = spec if isinstance(spec, str) else json.dumps(spec)
+                compiled = compiler.compile_json_schema(schema, any_whitespace=any_whitespace,
+                                                        max_whitespace_cnt=MAX_WHITESPACE if any_whitespace else None)
+            elif kind == "json_object":
+                compiled = compiler.compile_json_schema('{"type": "object"}', any_whitespace=any_whitespace,
+                                                        max_whitespace_cnt=MAX_WHITESPACE if any_whitespace else None)
+            elif kind == "regex":
+                compiled = compiler.compile_regex(spec)
+            elif kind == "choice":
+                compiled = compiler.compile_grammar(_choice_grammar(spec))
+            else:
+                compiled = compiler.compile_grammar(spec)
+        except (RuntimeError, ValueError, TypeError) as e:
+            raise GrammarError(f"invalid {kind} for structured output: {_clean(e)}") from None
+        with self._lock:
+            self._cache[key] = compiled
+            while len(self._cache) > CACHE_SIZE:
+                self._cache.popitem(last=False)
+        return compiled
+
+    def matcher(self, params: StructuredOutputsParams) -> "GrammarState":
+        return GrammarState(self.compile(params))
+
+
+class GrammarState:
+    """One sequence's position in its grammar."""
+
+    def __init__(self, compiled) -> None:
+        import xgrammar as xgr
+        self._matcher = xgr.GrammarMatcher(compiled)
+
+    def accept(self, token_id: int) -> bool:
+        """Advance over a sampled token; False if the grammar does not allow it."""
+        return self._matcher.accept_token(token_id)
+
+    @property
+    def finished(self) -> bool:
+        """The grammar is complete and its stop token was accepted: nothing may follow."""
+        return self._matcher.is_terminated()
+
+    def fill(self, bitmask: torch.Tensor, row: int) -> None:
+        self._matcher.fill_next_token_bitmask(bitmask, row)
+
+
+def allowed_token_bitmask(states: Sequence[GrammarState], vocab_size: int) -> torch.Tensor:
+    """[len(states), ceil(V / 32)] int32: bit t % 32 of word t // 32 of row i is set if states[i] allows t."""
+    bitmask = torch.empty((len(states), -(-vocab_size // BITS)), dtype=torch.int32)
+    for i, state in enumerate(states):
+        state.fill(bitmask, i)
+    return bitmask
+
+
+def unpack_bitmask(bitmask: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """The [G, V] bool mask (True = allowed) of a [G, W] int32 bitmask, with batched tensor ops."""
+    shifts = torch.arange(BITS, dtype=torch.int32, device=bitmask.device)
+    bits = (bitmask.unsqueeze(-1) >> shifts) & 1  # [G, W, 32]; >> on int32 is arithmetic, & 1 keeps one bit
+    return bits.view(bitmask.shape[0], -1)[:, :vocab_size].bool()
