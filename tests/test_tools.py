@@ -95,6 +95,7 @@ def test_conflicting_defs_are_a_400_only_when_required():
             "type": "object", "properties": {"v": {"$ref": "#/$defs/V"}}, "$defs": defs}}}
     clash = [tool("a", {"V": {"type": "integer"}}), tool("b", {"V": {"type": "string"}})]
     assert error(clash, "required").param == "tools"
+    assert "must be an object" in error([tool("a", ["V"])], "required").message
     assert plan("auto", tools=clash).structured_outputs() is None
     same = [tool("a", {"V": {"type": "integer"}}), tool("b", {"V": {"type": "integer"}})]
     schema = plan("required", tools=same).structured_outputs().json
@@ -199,6 +200,7 @@ def test_parse_auto():
     block("send_email", '{"to": "x"}'),             # unknown function
     block("get_weather", '"Paris"'),                # arguments not an object
     block("get_weather", '{"x": NaN}'),             # not strict JSON
+    '<tool_call>{"name": ["get_time"]}</tool_call>',  # a name that is no string
     "<tool_call>[1, 2]</tool_call>",
     "<tool_call>\n" + block("get_time", "{}"),      # a block ends at the first </tool_call>
     block("get_time", "{}")[:-1],                   # unterminated
@@ -221,6 +223,7 @@ def test_parse_required_named_none():
     assert req.parse('[{"name": "get_weather", "parameters": {"ci', ids()) == (
         '[{"name": "get_weather", "parameters": {"ci', [])  # cut short by max_tokens: text, no call
     assert req.parse("", ids()) == (None, [])
+    assert req.parse('[{"name": {}, "parameters": {}}]', ids()) == ('[{"name": {}, "parameters": {}}]', [])
     assert len(plan("required", parallel=False).parse(text, ids())[1]) == 1
     named = plan({"type": "function", "function": {"name": "get_weather"}})
     assert named.parse('{"city": "Rome"}', ids()) == (None, [call("get_weather", '{"city": "Rome"}', f"call_{0:024x}")])
@@ -421,3 +424,14 @@ def test_tool_template_gets_tools_and_structured_history(tokenizer):
                                                 chat_template=template, **kwargs))
     assert text.startswith("TOOL get_weather|TOOL get_time|system: Be brief.|")
     assert 'CALL get_weather{"city": "Paris"}CALL get_time{}|tool: 18 C, sunny|' in text
+
+
+@pytest.mark.parametrize("template_tools", [True, False])
+def test_malformed_history_call_is_a_400(template_tools):
+    bad = [{"role": "assistant", "content": "", "tool_calls": [{"id": "c", "type": "function", "function": {}}]}]
+    with pytest.raises(OpenAIError) as e:
+        plan().conversation(bad, template_tools)
+    assert e.value.status == 400 and e.value.param == "messages" and "tool_calls entry" in e.value.message
+    # arguments that are not JSON text are passed on as they are
+    odd = [{"role": "assistant", "tool_calls": [{"function": {"name": "get_time", "arguments": "not json"}}]}]
+    assert '"arguments": "not json"' in plan().conversation(odd, False)[0][1]["content"]

@@ -139,6 +139,14 @@ def build_app(engine: AsyncEngine, config: ServerConfig | None = None, tokenizer
     async def models():
         return serving.models()
 
+    @app.get("/v1/models/{model_id:path}")  # :path, since served names may hold "/" (org/model)
+    async def model(model_id: str):
+        return serving.model(model_id)
+
+    @app.get("/tokenizer_info")
+    async def tokenizer_info():
+        return serving.tokenizer_info()
+
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
         return await serving.completions(body, request)

@@ -5,15 +5,19 @@ working; fields we know but cannot honour are rejected instead of silently ignor
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from pagedserve.sampling_params import SamplingParams
+from pagedserve.sampling_params import SamplingParams, StructuredOutputsParams
 
 MAX_N = 64  # most samples per prompt
 MAX_ECHO_CHARS = 256  # most characters of a client's value repeated in an error message
+MAX_LOGIT_BIAS = 300  # most logit_bias entries (OpenAI's limit)
+# vLLM's structured_outputs keys we honour; others (structural_tag, whitespace_pattern, ...) are refused.
+STRUCTURED_OUTPUTS_KEYS = ("json", "regex", "choice", "grammar", "json_object", "disable_any_whitespace")
 ROLES = ("system", "developer", "user", "assistant", "tool")  # OpenAI's chat roles
 
 
@@ -116,6 +120,9 @@ class _SamplingFields(_Body):
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     cache_salt: str | None = None
+    response_format: dict[str, Any] | None = None
+    structured_outputs: dict[str, Any] | None = None
+    prompt_logprobs: int | None = None
 
     def check_common(self) -> None:
         if not 1 <= self.n <= MAX_N:
@@ -124,12 +131,43 @@ class _SamplingFields(_Body):
             raise bad_request("stream_options is only allowed when stream is true", "stream_options")
         if self.seed is not None and not -2**63 <= self.seed < 2**63:
             raise bad_request(f"seed must be a 64-bit signed integer, got {self.seed}", "seed")
-        if self.logit_bias:
-            raise bad_request("logit_bias is not supported", "logit_bias")
+        if self.prompt_logprobs is not None and self.stream:  # as vLLM: they come whole, not as a stream
+            raise bad_request("prompt_logprobs is not available when stream is true", "prompt_logprobs")
 
-    def sampling_params(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
-        if max_tokens is not None and max_tokens < 1:
-            raise bad_request(f"max_tokens must be at least 1, got {max_tokens}", "max_tokens")
+    def logit_bias_ids(self) -> dict[int, float] | None:
+        """OpenAI sends token ids as JSON object keys (strings)."""
+        if not self.logit_bias:
+            return None
+        if len(self.logit_bias) > MAX_LOGIT_BIAS:
+            raise bad_request(f"logit_bias holds {len(self.logit_bias)} entries; at most {MAX_LOGIT_BIAS} are allowed",
+                              "logit_bias")
+        try:
+            return {int(k): v for k, v in self.logit_bias.items()}
+        except ValueError:
+            bad = next(k for k in self.logit_bias if not k.strip().lstrip("-").isdigit())
+            raise bad_request(f"logit_bias keys must be token ids, got {shorten(bad, 32)}", "logit_bias") from None
+
+    def grammar(self) -> StructuredOutputsParams | None:
+        """The grammar of response_format (OpenAI) or structured_outputs (vLLM's extra), if any."""
+        rf, extra = self.response_format, self.structured_outputs
+        from_rf = response_format_grammar(rf) if rf is not None else None
+        if extra is None:
+            return from_rf
+        if from_rf is not None:
+            raise bad_request("send either response_format or structured_outputs, not both", "structured_outputs")
+        unknown = sorted(set(extra) - set(STRUCTURED_OUTPUTS_KEYS))
+        if unknown:
+            raise bad_request(f"structured_outputs: {', '.join(map(shorten, unknown))} not supported; "
+                              f"supported: {', '.join(STRUCTURED_OUTPUTS_KEYS)}", "structured_outputs")
+        try:
+            return StructuredOutputsParams(**{k: v for k, v in extra.items() if v is not None and v is not False})
+        except ValueError as e:
+            raise bad_request(str(e), "structured_outputs") from None
+
+    def sampling_params(self, max_tokens: int | None, logprobs: int | None, min_max_tokens: int = 1,
+                        grammar: StructuredOutputsParams | None = None) -> SamplingParams:
+        if max_tokens is not None and max_tokens < min_max_tokens:
+            raise bad_request(f"max_tokens must be at least {min_max_tokens}, got {max_tokens}", "max_tokens")
         try:
             return SamplingParams(
                 n=self.n, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, min_p=self.min_p,
@@ -138,7 +176,8 @@ class _SamplingFields(_Body):
                 presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
                 repetition_penalty=self.repetition_penalty, logprobs=logprobs,
                 skip_special_tokens=self.skip_special_tokens,
-                include_stop_str_in_output=self.include_stop_str_in_output)
+                include_stop_str_in_output=self.include_stop_str_in_output, logit_bias=self.logit_bias_ids(),
+                prompt_logprobs=self.prompt_logprobs, structured_outputs=grammar)
         except ValueError as e:  # SamplingParams' messages start with the field's name
             field = str(e).split(" ", 1)[0]
             raise bad_request(str(e), field if field in type(self).model_fields else None) from None
@@ -159,15 +198,18 @@ class CompletionRequest(_SamplingFields):
 
     def to_sampling_params(self) -> SamplingParams:
         self.check_common()
-        if self.echo:
-            raise bad_request("echo is not supported", "echo")
         if self.suffix:
             raise bad_request("suffix is not supported", "suffix")
         if self.best_of is not None and self.best_of != self.n:
             raise bad_request("best_of other than n is not supported", "best_of")
         if self.logprobs is not None and not 0 <= self.logprobs <= 20:
             raise bad_request(f"logprobs must be between 0 and 20, got {self.logprobs}", "logprobs")
-        return self.sampling_params(self.max_tokens, self.logprobs)
+        params = self.sampling_params(self.max_tokens, self.logprobs, min_max_tokens=0 if self.echo else 1,
+                                      grammar=self.grammar())
+        if self.echo and self.logprobs is not None and params.prompt_logprobs is None:
+            # the echoed prompt's tokens carry logprobs too (what lm-eval's loglikelihood reads)
+            params = dataclasses.replace(params, prompt_logprobs=self.logprobs)
+        return params
 
     def prompts(self) -> list[str | list[int]]:
         """The batch: one entry per prompt, text or token ids."""
@@ -179,6 +221,24 @@ class CompletionRequest(_SamplingFields):
         return list(p)
 
 
+def response_format_grammar(rf: dict) -> StructuredOutputsParams | None:
+    """OpenAI's response_format: {"type": "text"}, {"type": "json_object"} or {"type": "json_schema",
+    "json_schema": {"name", "schema", "strict", "description"}}. A schema is always followed exactly (as if
+    strict): the grammar allows nothing else."""
+    kind = rf.get("type")
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return StructuredOutputsParams(json_object=True)
+    if kind == "json_schema":
+        spec = rf.get("json_schema")
+        if not isinstance(spec, dict) or not isinstance(spec.get("schema", {}), dict):
+            raise bad_request("response_format json_schema must be {'name': ..., 'schema': {...}}", "response_format")
+        return StructuredOutputsParams(json=spec.get("schema") or {"type": "object"})
+    raise bad_request(f"response_format type must be one of 'text', 'json_object', 'json_schema'; got {shorten(kind)}",
+                      "response_format")
+
+
 class ContentPart(_Body):
     type: str
     text: str | None = None
@@ -188,6 +248,8 @@ class ChatMessage(_Body):
     role: Literal[ROLES]
     content: str | list[ContentPart] | None = None
     name: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None  # an assistant's earlier calls
+    tool_call_id: str | None = None                 # a tool message: the call it answers
 
     def text(self) -> str:
         if self.content is None or isinstance(self.content, str):
@@ -206,17 +268,14 @@ class ChatCompletionRequest(_SamplingFields):
     max_completion_tokens: int | None = None
     logprobs: bool = False
     top_logprobs: int | None = None
-    tools: list[Any] | None = None
-    response_format: dict[str, Any] | None = None
+    tools: Any = None  # validated by server/tools.py, with messages naming the bad part
+    tool_choice: Any = None
+    parallel_tool_calls: Any = None
     add_generation_prompt: bool = True
     chat_template_kwargs: dict[str, Any] | None = None
 
     def to_sampling_params(self) -> SamplingParams:
         self.check_common()
-        if self.tools:
-            raise bad_request("tools are not supported", "tools")
-        if self.response_format and self.response_format.get("type", "text") != "text":
-            raise bad_request("only response_format {'type': 'text'} is supported", "response_format")
         if self.top_logprobs is not None:
             if not self.logprobs:
                 raise bad_request("top_logprobs needs logprobs to be true", "top_logprobs")
@@ -225,10 +284,16 @@ class ChatCompletionRequest(_SamplingFields):
                                   "top_logprobs")
         logprobs = (self.top_logprobs or 0) if self.logprobs else None
         max_tokens = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
-        return self.sampling_params(max_tokens, logprobs)
+        return self.sampling_params(max_tokens, logprobs, grammar=self.grammar())
 
     def conversation(self) -> list[dict]:
-        return [{"role": m.role, "content": m.text()} for m in self.messages]
+        out = []
+        for m in self.messages:
+            message = {"role": m.role, "content": m.text()}
+            message.update({k: v for k, v in (("name", m.name), ("tool_calls", m.tool_calls),
+                                              ("tool_call_id", m.tool_call_id)) if v is not None})
+            out.append(message)
+        return out
 
 
 class TokenizeRequest(_Body):

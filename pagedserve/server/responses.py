@@ -5,6 +5,7 @@ import json
 from functools import lru_cache
 
 from pagedserve.outputs import CompletionOutput, Logprob, RequestOutput
+from pagedserve.server.tools import ToolCallStream, ToolPlan
 
 
 class TokenText:
@@ -45,6 +46,12 @@ def completion_logprobs(c: CompletionOutput, num: int, tt: TokenText, offset: in
     for tid, entry in zip(c.token_ids, c.logprobs):
         text = tt.text(tid)
         tokens.append(text)
+        offsets.append(offset)
+        offset += len(text)
+        if entry is None:  # an echoed prompt's first token: nothing predicts it
+            token_lps.append(None)
+            tops.append(None)
+            continue
         token_lps.append(entry[tid].logprob if tid in entry else None)
         top: dict[str, float] = {}
         for t, lp in _top(entry, num):  # best rank first: two ids with the same text keep the likelier
@@ -52,8 +59,6 @@ def completion_logprobs(c: CompletionOutput, num: int, tt: TokenText, offset: in
         if tid in entry:
             top.setdefault(text, entry[tid].logprob)
         tops.append(top)
-        offsets.append(offset)
-        offset += len(text)
     return {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops, "text_offset": offsets}
 
 
@@ -72,20 +77,59 @@ def chat_logprobs(c: CompletionOutput, num: int, tt: TokenText) -> dict | None:
 
 
 def completion_choice(index: int, c: CompletionOutput, num_logprobs: int | None, tt: TokenText,
-                      offset: int = 0) -> dict:
-    return {"index": index, "text": c.text,
-            "logprobs": completion_logprobs(c, num_logprobs or 0, tt, offset) if num_logprobs is not None else None,
+                      offset: int = 0, echo: CompletionOutput | None = None) -> dict:
+    """echo: the prompt as an output (its text, token ids and prompt logprobs), put before c's."""
+    text, head = c.text, None
+    if echo is not None:
+        text = echo.text + text
+        if num_logprobs is not None and echo.logprobs is not None:
+            head = completion_logprobs(echo, num_logprobs, tt, offset)
+            offset += sum(len(t) for t in head["tokens"])
+    logprobs = completion_logprobs(c, num_logprobs, tt, offset) if num_logprobs is not None else None
+    if head is not None:
+        logprobs = {k: head[k] + logprobs[k] for k in head}
+    return {"index": index, "text": text, "logprobs": logprobs,
             "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}
 
 
-def chat_choice(index: int, c: CompletionOutput, num_logprobs: int | None, tt: TokenText) -> dict:
-    return {"index": index, "message": {"role": "assistant", "content": c.text},
-            "logprobs": chat_logprobs(c, num_logprobs or 0, tt) if num_logprobs is not None else None,
-            "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}
+def prompt_logprobs(entries: list[dict[int, Logprob] | None] | None) -> list[dict | None] | None:
+    """vLLM's prompt_logprobs: per prompt token, None or {token id: {logprob, rank, decoded_token}}."""
+    if entries is None:
+        return None
+    return [None if e is None else {str(t): {"logprob": lp.logprob, "rank": lp.rank, "decoded_token": lp.decoded_token}
+                                    for t, lp in e.items()} for e in entries]
 
 
-def chat_delta_choice(index: int, c: CompletionOutput, num_logprobs: int | None, tt: TokenText) -> dict:
-    delta = {"content": c.text} if c.text else {}
-    return {"index": index, "delta": delta,
+def chat_choice(index: int, c: CompletionOutput, num_logprobs: int | None, tt: TokenText,
+                tools: ToolPlan | None = None) -> dict:
+    """tools: the request's tool plan; the text is then parsed into content and tool_calls."""
+    message, finish_reason = {"role": "assistant", "content": c.text}, c.finish_reason
+    if tools is not None and tools.choice != "none":
+        content, calls = tools.parse(c.text)
+        message = {"role": "assistant", "content": content, "tool_calls": calls}
+        if calls and finish_reason == "stop" and tools.choice != "named":  # a forced function ends with "stop"
+            finish_reason = "tool_calls"
+    return {"index": index, "message": message,
             "logprobs": chat_logprobs(c, num_logprobs or 0, tt) if num_logprobs is not None else None,
-            "finish_reason": c.finish_reason}
+            "finish_reason": finish_reason, "stop_reason": c.stop_reason}
+
+
+def chat_delta_choices(index: int, c: CompletionOutput, num_logprobs: int | None, tt: TokenText,
+                       tool_stream: ToolCallStream | None = None) -> list[dict]:
+    """The stream chunks' choices for one step's output of a choice: one per delta; the logprobs ride on the
+    first, the finish_reason on the last. tool_stream: this choice's tool-call parser."""
+    if tool_stream is None:
+        deltas = [{"content": c.text}] if c.text else []
+    else:
+        deltas = tool_stream.feed(c.text) + (tool_stream.finish() if c.finish_reason else [])
+    finish_reason = c.finish_reason
+    if tool_stream is not None and tool_stream.made_calls and finish_reason == "stop" and tool_stream.plan.choice != "named":
+        finish_reason = "tool_calls"
+    logprobs = chat_logprobs(c, num_logprobs or 0, tt) if num_logprobs is not None else None
+    if not deltas and (finish_reason or logprobs):
+        deltas = [{}]
+    choices = [{"index": index, "delta": d, "logprobs": None, "finish_reason": None} for d in deltas]
+    if choices:
+        choices[0]["logprobs"] = logprobs
+        choices[-1]["finish_reason"] = finish_reason
+    return choices

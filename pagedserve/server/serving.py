@@ -6,6 +6,7 @@ chat templates, decoding) runs on the TextWorker's thread, never on the event lo
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 import uuid
@@ -18,7 +19,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pagedserve.async_engine import (AsyncEngine, EngineDeadError, QueueFullError, RequestFailedError,
                                      RequestStream)
 from pagedserve.llm import merge_output
-from pagedserve.outputs import RequestOutput
+from pagedserve.outputs import CompletionOutput, RequestOutput
 from pagedserve.sampling_params import SamplingParams
 from pagedserve.server import responses as R
 from pagedserve.server.args import ServerConfig
@@ -29,6 +30,8 @@ from pagedserve.server.protocol import (ChatCompletionRequest, CompletionRequest
                                         OpenAIError, TokenizeRequest, bad_request, cap, shorten)
 from pagedserve.server.streams import ClientDisconnected, MergedStreams
 from pagedserve.server.text import TextWorker
+from pagedserve.server.tools import ToolCallStream, ToolPlan, parse_tool_plan, template_supports_tools
+from pagedserve.structured_output import GrammarError
 
 
 logger = logging.getLogger("pagedserve.server")
@@ -45,6 +48,9 @@ class _Job:
     stream: bool
     include_usage: bool
     salt: str | None
+    echo: list[str] | None = None  # completions' echo: each prompt's text, put before its choices' text
+    tools: ToolPlan | None = None   # chat's tool calling
+    prompt_logprobs: bool = False   # vLLM's prompt_logprobs extra: return them with the choices
 
 
 def audit(request: Request, **fields) -> None:
@@ -84,6 +90,8 @@ class OpenAIServing:
         self.metrics = metrics
         self.model_names = config.served_model_names or (engine.model_name,)
         self.token_text = R.TokenText(tokenizer)  # decodes: call it on the text worker's thread
+        self.created = int(time.time())
+        self.template_supports_tools = template_supports_tools(tokenizer)  # the models' "created": when this server started serving them
 
     def close(self) -> None:
         self.text.close()
@@ -99,10 +107,25 @@ class OpenAIServing:
         return model
 
     def models(self) -> dict:
-        created = int(time.time())
-        return {"object": "list", "data": [
-            {"id": name, "object": "model", "created": created, "owned_by": "pagedserve", "root": name,
-             "max_model_len": self.engine.max_model_len} for name in self.model_names]}
+        return {"object": "list", "data": [self._model_card(name) for name in self.model_names]}
+
+    def model(self, model_id: str) -> dict:
+        """GET /v1/models/{id}: the card, or OpenAI's 404."""
+        return self._model_card(self.check_model(model_id))
+
+    def _model_card(self, name: str) -> dict:
+        return {"id": name, "object": "model", "created": self.created, "owned_by": "pagedserve", "root": name,
+                "max_model_len": self.engine.max_model_len}
+
+    def tokenizer_info(self) -> dict:
+        """GET /tokenizer_info (vLLM's): what a client needs to tokenize as the server does without fetching
+        the tokenizer from a hub (lm-eval's remote tokenizer reads eos/bos/pad and the chat template)."""
+        tok = self.text.tokenizer
+        return {"tokenizer_class": type(tok).__name__, "eos_token": tok.eos_token, "bos_token": tok.bos_token,
+                "pad_token": tok.pad_token, "unk_token": tok.unk_token, "chat_template": tok.chat_template,
+                "model_max_length": self.engine.max_model_len, "vocab_size": self.engine.vocab_size,
+                "add_bos_token": getattr(tok, "add_bos_token", None),
+                "special_tokens": sorted(tok.all_special_tokens)}
 
     async def tokenize(self, body: TokenizeRequest) -> dict:
         self.check_model(body.model)
@@ -120,6 +143,17 @@ class OpenAIServing:
         self.check_model(body.model)
         self.check_token_ids(body.tokens, "tokens")
         return {"prompt": await self.text.decode(body.tokens)}
+
+    async def check_params(self, params: SamplingParams, grammar_field: str) -> None:
+        """Token ids against the vocabulary, and the grammar compiled (cached, off the engine thread): a 400
+        naming the field at fault."""
+        self.check_token_ids(params.stop_token_ids, "stop_token_ids")
+        self.check_token_ids(list(params.logit_bias or ()), "logit_bias")
+        if params.structured_outputs is not None:
+            try:
+                await self.engine.compile_grammar(params.structured_outputs)
+            except GrammarError as e:
+                raise bad_request(str(e), grammar_field) from None
 
     def check_token_ids(self, ids: list[int], field: str) -> None:
         """Every id a client sends must name a token of the vocabulary: 400 naming the field if not."""
@@ -142,7 +176,7 @@ class OpenAIServing:
         audit(request, model=body.model)
         model = self.check_model(body.model)
         params = body.to_sampling_params()
-        self.check_token_ids(params.stop_token_ids, "stop_token_ids")
+        await self.check_params(params, "structured_outputs" if body.structured_outputs else "response_format")
         batch = body.prompts()
         for i, p in enumerate(batch):
             where = "prompt" if len(batch) == 1 else f"prompt {i}"
@@ -163,19 +197,36 @@ class OpenAIServing:
                 if not p:
                     raise bad_request("the prompt is empty", "prompt")
             prompts.append(list(p))
+        echo = None
+        if body.echo:  # a text prompt echoes as sent; token ids as their text
+            echo = [p if isinstance(p, str) else await self.text.decode(ids) for p, ids in zip(batch, prompts)]
         job = _Job(False, f"cmpl-{uuid.uuid4().hex}", model, prompts, params, body.logprobs, body.stream,
-                   body.include_usage, self._salt(request, body.cache_salt))
+                   body.include_usage, self._salt(request, body.cache_salt), echo=echo,
+                   prompt_logprobs=body.prompt_logprobs is not None)
         return await self._generate(job, request)
 
     async def chat(self, body: ChatCompletionRequest, request: Request) -> Response:
         audit(request, model=body.model)
         model = self.check_model(body.model)
         params = body.to_sampling_params()
-        self.check_token_ids(params.stop_token_ids, "stop_token_ids")
-        ids = await self._chat_tokens(body.conversation(), body.add_generation_prompt, body.chat_template_kwargs)
+        tools = parse_tool_plan(body.tools, body.tool_choice, body.parallel_tool_calls)
+        conversation, template_kwargs = body.conversation(), dict(body.chat_template_kwargs or {})
+        grammar_field = "structured_outputs" if body.structured_outputs else "response_format"
+        if tools is not None:
+            tool_grammar = tools.structured_outputs()  # "required" and named calls follow their schemas
+            if tool_grammar is not None:
+                if params.structured_outputs is not None:
+                    raise bad_request(f"tool_choice {tools.choice!r} constrains the output; it cannot be combined "
+                                      f"with {grammar_field}", "tool_choice")
+                params, grammar_field = dataclasses.replace(params, structured_outputs=tool_grammar), "tools"
+            conversation, extra = tools.conversation(conversation, self.template_supports_tools)
+            template_kwargs.update(extra)
+        await self.check_params(params, grammar_field)
+        ids = await self._chat_tokens(conversation, body.add_generation_prompt, template_kwargs or None)
         num_logprobs = (body.top_logprobs or 0) if body.logprobs else None
         job = _Job(True, f"chatcmpl-{uuid.uuid4().hex}", model, [ids], params, num_logprobs, body.stream,
-                   body.include_usage, self._salt(request, body.cache_salt))
+                   body.include_usage, self._salt(request, body.cache_salt),
+                   prompt_logprobs=body.prompt_logprobs is not None, tools=tools)
         return await self._generate(job, request)
 
     async def _chat_tokens(self, conversation: list[dict], add_generation_prompt: bool,
@@ -251,9 +302,15 @@ class OpenAIServing:
         finally:
             merged.close()
         record()
-        if job.num_logprobs is not None:  # the token texts are decoded: on the text worker
+        if job.num_logprobs is not None or job.echo:  # token texts are decoded: on the text worker
             return JSONResponse(await self.text.run(self._full_body, job, outs))
         return JSONResponse(self._full_body(job, outs))
+
+    def _echo(self, job: _Job, i: int, out: RequestOutput) -> CompletionOutput | None:
+        """Prompt i as an output to put before its choices (completions' echo)."""
+        if job.echo is None:
+            return None
+        return CompletionOutput(0, job.echo[i], out.prompt_token_ids, logprobs=out.prompt_logprobs)
 
     def _full_body(self, job: _Job, outs: list[RequestOutput]) -> dict:
         n = job.params.n
@@ -261,11 +318,18 @@ class OpenAIServing:
         for i, out in enumerate(outs):
             for c in out.outputs:
                 if job.chat:
-                    choices.append(R.chat_choice(i * n + c.index, c, job.num_logprobs, self.token_text))
+                    choices.append(R.chat_choice(i * n + c.index, c, job.num_logprobs, self.token_text, job.tools))
                 else:
-                    choices.append(R.completion_choice(i * n + c.index, c, job.num_logprobs, self.token_text))
-        return {"id": job.request_id, "object": "chat.completion" if job.chat else "text_completion",
+                    choice = R.completion_choice(i * n + c.index, c, job.num_logprobs, self.token_text,
+                                                 echo=self._echo(job, i, out))
+                    if job.prompt_logprobs:
+                        choice["prompt_logprobs"] = R.prompt_logprobs(out.prompt_logprobs)
+                    choices.append(choice)
+        body = {"id": job.request_id, "object": "chat.completion" if job.chat else "text_completion",
                 "created": int(time.time()), "model": job.model, "choices": choices, "usage": R.usage(outs)}
+        if job.chat and job.prompt_logprobs:
+            body["prompt_logprobs"] = R.prompt_logprobs(outs[0].prompt_logprobs)
+        return body
 
     async def _events(self, job: _Job, merged: MergedStreams, take, record, outs):
         created = int(time.time())
@@ -274,6 +338,7 @@ class OpenAIServing:
         extra = {"usage": None} if job.include_usage else {}
         n = job.params.n
         offsets: dict[int, int] = {}  # completions' text_offset per choice
+        tool_streams = {k: ToolCallStream(job.tools) for k in range(len(job.prompts) * n)} if job.tools else None
         status, error_code = CLIENT_CLOSED, None
         try:
             if job.chat:
@@ -282,10 +347,10 @@ class OpenAIServing:
                                                       "logprobs": None, "finish_reason": None}], **extra})
             async for i, delta in merged:
                 take(i, delta)
-                if job.num_logprobs is not None:  # the token texts are decoded: on the text worker
-                    choices = await self.text.run(self._delta_choices, job, i, delta, offsets)
+                if job.num_logprobs is not None or job.echo:  # token texts are decoded: on the text worker
+                    choices = await self.text.run(self._delta_choices, job, i, delta, offsets, outs[i], tool_streams)
                 else:
-                    choices = self._delta_choices(job, i, delta, offsets)
+                    choices = self._delta_choices(job, i, delta, offsets, outs[i], tool_streams)
                 for choice in choices:
                     yield R.sse({**head, "choices": [choice], **extra})
             if job.include_usage:
@@ -310,17 +375,22 @@ class OpenAIServing:
             merged.close()
             record(None if status == 200 else status, error_code)
 
-    def _delta_choices(self, job: _Job, i: int, delta: RequestOutput, offsets: dict[int, int]) -> list[dict]:
-        """The stream chunks' choices for one delta of prompt i (offsets: completions' text_offset per choice)."""
+    def _delta_choices(self, job: _Job, i: int, delta: RequestOutput, offsets: dict[int, int],
+                       merged: RequestOutput, tool_streams: dict[int, ToolCallStream] | None) -> list[dict]:
+        """The stream chunks' choices for one delta of prompt i (offsets: completions' text_offset per choice;
+        merged: prompt i's output so far; tool_streams: chat's tool-call parser per choice)."""
         choices = []
         for c in delta.outputs:
             if not (c.text or c.finish_reason or (c.logprobs and c.token_ids)):
                 continue
             k = i * job.params.n + c.index
             if job.chat:
-                choices.append(R.chat_delta_choice(k, c, job.num_logprobs, self.token_text))
+                choices += R.chat_delta_choices(k, c, job.num_logprobs, self.token_text,
+                                                tool_streams[k] if tool_streams else None)
             else:
-                choice = R.completion_choice(k, c, job.num_logprobs, self.token_text, offsets.get(k, 0))
+                # the first chunk of each choice carries the echoed prompt
+                echo = self._echo(job, i, merged) if k not in offsets and job.echo else None
+                choice = R.completion_choice(k, c, job.num_logprobs, self.token_text, offsets.get(k, 0), echo)
                 offsets[k] = offsets.get(k, 0) + sum(len(t) for t in (choice["logprobs"] or {}).get("tokens", []))
                 choices.append(choice)
         return choices

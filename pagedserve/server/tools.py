@@ -21,8 +21,6 @@ MAX_TOOLS = 128  # OpenAI's limit
 NAME_RE = re.compile(r"[a-zA-Z0-9_-]{1,64}")  # OpenAI's rule for function names
 START, END = "<tool_call>", "</tool_call>"
 BLOCK_RE = re.compile(re.escape(START) + "(.*?)" + re.escape(END), re.DOTALL)
-CHOICES = ("none", "auto", "required")
-EMPTY_PARAMETERS = {"type": "object", "properties": {}}
 
 # The system prompt Qwen2.5's and Hermes' templates write, verbatim, so a model trained on that format sees
 # what it knows. "{tools}" is replaced (not str.format: the text has literal braces) by one JSON line per tool.
@@ -79,9 +77,9 @@ class ToolPlan:
     named: str | None      # the function's name when choice == "named"
     parallel: bool         # parallel_tool_calls: several calls in one answer
 
-    @property
-    def names(self) -> set[str]:
-        return {f["name"] for f in self.functions}
+    def known(self, name: Any) -> bool:
+        """Whether name (from model output: any JSON value, maybe unhashable) names one of the functions."""
+        return isinstance(name, str) and any(f["name"] == name for f in self.functions)
 
     def structured_outputs(self) -> StructuredOutputsParams | None:
         """The grammar the output must follow: only "required" and "named" constrain it (as vLLM)."""
@@ -113,7 +111,7 @@ class ToolPlan:
         if self.choice == "required":
             items = _loads(text)
             if not (isinstance(items, list) and items and all(
-                    isinstance(i, dict) and i.get("name") in self.names and isinstance(i.get("parameters"), dict)
+                    isinstance(i, dict) and self.known(i.get("name")) and isinstance(i.get("parameters"), dict)
                     for i in items)):
                 return (text if text.strip() else None), []  # cut short (max_tokens): the raw text, not a call
             items = items if self.parallel else items[:1]
@@ -135,7 +133,7 @@ class ToolPlan:
         """The call a <tool_call> block's inside makes; False: not a call (bad JSON, unknown name);
         None: a valid call dropped because parallel_tool_calls is false and one was made (as vLLM does)."""
         value = _loads(inner)
-        if not (isinstance(value, dict) and value.get("name") in self.names
+        if not (isinstance(value, dict) and self.known(value.get("name"))
                 and isinstance(value.get("arguments", {}), dict)):
             return False
         if made and not self.parallel:
@@ -151,7 +149,10 @@ def required_schema(functions: list[dict], parallel: bool) -> dict:
     branches = []
     for f in functions:
         params = dict(f["parameters"])
-        for key, schema in params.pop("$defs", {}).items():
+        own = params.pop("$defs", {})
+        if not isinstance(own, dict):
+            raise bad_request(f"the $defs of function {f['name']!r} must be an object, got {shorten(own)}", "tools")
+        for key, schema in own.items():
             if defs.setdefault(key, schema) != schema:
                 raise bad_request(f"tools define $defs {shorten(key)} differently; tool_choice 'required' "
                                   "needs one definition per name", "tools")
@@ -241,7 +242,7 @@ def _function(i: int, tool: Any, seen: dict[str, int]) -> dict:
         raise bad_request(f"{where}.function.description must be a string, got {shorten(description)}",
                           f"{where}.function.description")
     if parameters is None:
-        parameters = {**EMPTY_PARAMETERS, "properties": {}}  # a fresh one: callers may change it
+        parameters = {"type": "object", "properties": {}}  # no parameters
     elif not isinstance(parameters, dict) or parameters.get("type") != "object":
         raise bad_request(f"{where}.function.parameters must be a JSON schema of type 'object', got "
                           f"{shorten(parameters)}", f"{where}.function.parameters")
@@ -268,7 +269,7 @@ def parse_tool_plan(tools: Any, tool_choice: Any, parallel_tool_calls: Any) -> T
     named = None
     if tool_choice is None:
         choice = "auto"
-    elif isinstance(tool_choice, str) and tool_choice in CHOICES:
+    elif isinstance(tool_choice, str) and tool_choice in ("none", "auto", "required"):
         choice = tool_choice
     elif (isinstance(tool_choice, dict) and tool_choice.get("type") == "function"
           and isinstance(tool_choice.get("function"), dict) and isinstance(tool_choice["function"].get("name"), str)):
@@ -316,7 +317,7 @@ class ToolCallStream:
             if not self._in_block:
                 i = self._buf.find(START)
                 if i < 0:  # send all but a tail that could still become START
-                    hold = next((n for n in range(min(len(START) - 2, len(self._buf)), 0, -1)
+                    hold = next((n for n in range(min(len(START) - 1, len(self._buf)), 0, -1)
                                  if START.startswith(self._buf[-n:])), 0)
                     out += self._content(self._buf[:len(self._buf) - hold])
                     self._buf = self._buf[len(self._buf) - hold:]
@@ -340,11 +341,17 @@ class ToolCallStream:
             return self._named_header()  # an empty output still made the call
         if self.plan.choice == "required":
             content, calls = self.plan.parse(self._buf, self.new_id)
+            self._calls = len(calls)
             return ([{"content": content}] if content else []) + [_tool_delta(i, c) for i, c in enumerate(calls)]
         if self.plan.choice == "auto":  # an unterminated block or a held tag start is text after all
             rest, self._buf, self._in_block = self._buf, "", False
             return self._content(rest)
         return []
+
+    @property
+    def made_calls(self) -> bool:
+        """Whether a tool call was sent (so the choice finishes with "tool_calls")."""
+        return self._calls > 0
 
     def _named_header(self) -> list[dict]:
         if self._started:
