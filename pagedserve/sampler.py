@@ -320,7 +320,10 @@ def _logprobs(lp: torch.Tensor, tokens: torch.Tensor, batch: SamplingBatch) -> l
     out: list[TokenLogprobs | None] = [None] * batch.num_rows
     for j, i in enumerate(rows):
         n = batch.num_logprobs[i]
-        out[i] = TokenLogprobs(tokens_l[j], chosen_l[j], ranks_l[j], top_i[j][:n], top_v[j][:n])
+        # A grammar or a ban can leave fewer than n possible tokens: the impossible ones (-inf) are not
+        # listed (and -inf is not JSON).
+        top = [(t, v) for t, v in zip(top_i[j][:n], top_v[j][:n]) if v != float("-inf")]
+        out[i] = TokenLogprobs(tokens_l[j], chosen_l[j], ranks_l[j], [t for t, _ in top], [v for _, v in top])
     return out
 
 

@@ -32,7 +32,8 @@ class StructuredOutputsParams:
             raise ValueError(f"structured_outputs must set exactly one of json, regex, choice, grammar and "
                              f"json_object; got {kinds or 'none'}")
         if self.choice is not None:
-            if not self.choice or not all(isinstance(c, str) for c in self.choice):
+            if (not isinstance(self.choice, (list, tuple)) or not self.choice
+                    or not all(isinstance(c, str) for c in self.choice)):
                 raise ValueError("structured_outputs.choice must be a non-empty list of strings")
             object.__setattr__(self, "choice", tuple(self.choice))
         for k in ("regex", "grammar"):

@@ -80,8 +80,13 @@ def test_sdk_json_object_regex_and_choice(client):
                 texts[c.index] = texts.get(c.index, "") + c.text
         assert len(texts) == 3 and all(re.fullmatch(r"\d{3}-\d{4}", t) for t in texts.values()), texts
     r = client.chat.completions.create(model=m, messages=[{"role": "user", "content": "Is the sky blue?"}], n=4, max_tokens=5,
+                                       logprobs=True, top_logprobs=5,
                                        extra_body={"structured_outputs": {"choice": ["yes", "no"]}})
     assert {c.message.content for c in r.choices} <= {"yes", "no"}
+    # Only the grammar's tokens are possible: the top 5 list no impossible (-inf) token.
+    first = r.choices[0].logprobs.content[0]
+    assert all(t.logprob > float("-inf") and ("yes".startswith(t.token) or "no".startswith(t.token))
+               for t in first.top_logprobs)
 
 
 def _streamed_calls(chunks) -> tuple[str, list[dict], str]:
@@ -190,6 +195,13 @@ def test_echo_logprobs_equal_transformers(tiny, model_dir_tiny):
         torch.testing.assert_close(torch.tensor(got.token_logprobs[1:len(ids)]), want, atol=1e-4, rtol=0)
         assert r.usage.completion_tokens == max_tokens
         assert r.choices[0].text.startswith(httpx.post(f"{tiny}/detokenize", json={"tokens": ids}).json()["prompt"])
+    # Streamed, the first chunk carries the echoed prompt and its logprobs.
+    chunks = list(client.completions.create(model=model, prompt=ids, echo=True, logprobs=0, max_tokens=3,
+                                            temperature=0, stream=True))
+    whole = client.completions.create(model=model, prompt=ids, echo=True, logprobs=0, max_tokens=3, temperature=0)
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == whole.choices[0].text
+    streamed = [x for c in chunks if c.choices and c.choices[0].logprobs for x in c.choices[0].logprobs.token_logprobs]
+    assert streamed == whole.choices[0].logprobs.token_logprobs
     # vLLM's prompt_logprobs extra: {token id: {logprob, rank, decoded_token}} per position.
     r = httpx.post(f"{tiny}/v1/completions", json={"prompt": ids, "max_tokens": 1, "prompt_logprobs": 0}).json()
     plp = r["choices"][0]["prompt_logprobs"]
@@ -239,6 +251,8 @@ REFUSALS = [
     ({"structured_outputs": {"structural_tag": "{}"}}, "structured_outputs", "not supported"),
     ({"structured_outputs": {"regex": "a"}, "response_format": {"type": "json_object"}}, "structured_outputs", "both"),
     ({"logit_bias": {"abc": 1}}, "logit_bias", "token ids"),
+    ({"logit_bias": {"-5": 1}}, "logit_bias", "token ids"),
+    ({"structured_outputs": {"choice": "yes"}}, "structured_outputs", "list of strings"),
     ({"logit_bias": {"5": 150}}, "logit_bias", "[-100, 100]"),
     ({"logit_bias": {"999999": 1}}, "logit_bias", "token ids must be in"),
     ({"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "other"}}}, "tool_choice", "other"),

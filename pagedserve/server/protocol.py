@@ -141,11 +141,12 @@ class _SamplingFields(_Body):
         if len(self.logit_bias) > MAX_LOGIT_BIAS:
             raise bad_request(f"logit_bias holds {len(self.logit_bias)} entries; at most {MAX_LOGIT_BIAS} are allowed",
                               "logit_bias")
-        try:
-            return {int(k): v for k, v in self.logit_bias.items()}
-        except ValueError:
-            bad = next(k for k in self.logit_bias if not k.strip().lstrip("-").isdigit())
-            raise bad_request(f"logit_bias keys must be token ids, got {shorten(bad, 32)}", "logit_bias") from None
+        ids = {}
+        for key, bias in self.logit_bias.items():
+            if not key.isascii() or not key.isdigit():
+                raise bad_request(f"logit_bias keys must be token ids, got {shorten(key, 32)}", "logit_bias")
+            ids[int(key)] = bias
+        return ids
 
     def grammar(self) -> StructuredOutputsParams | None:
         """The grammar of response_format (OpenAI) or structured_outputs (vLLM's extra), if any."""
