@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 import threading
 from collections import OrderedDict
 from typing import Sequence
@@ -130,6 +131,10 @@ def allowed_token_bitmask(states: Sequence[GrammarState], vocab_size: int) -> to
 
 def unpack_bitmask(bitmask: torch.Tensor, vocab_size: int) -> torch.Tensor:
     """The [G, V] bool mask (True = allowed) of a [G, W] int32 bitmask, with batched tensor ops."""
-    shifts = torch.arange(BITS, dtype=torch.int32, device=bitmask.device)
-    bits = (bitmask.unsqueeze(-1) >> shifts) & 1  # [G, W, 32]; >> on int32 is arithmetic, & 1 keeps one bit
+    words = bitmask
+    if sys.byteorder == "little":  # bit b of word w is bit b % 8 of byte 4w + b // 8: the same token order,
+        words = bitmask.view(torch.uint8)  # and a quarter of the memory to unpack
+    width = words.element_size() * 8
+    shifts = torch.arange(width, dtype=words.dtype, device=bitmask.device)
+    bits = (words.unsqueeze(-1) >> shifts) & 1  # [G, W', width]; & 1 keeps one bit even where >> is arithmetic
     return bits.view(bitmask.shape[0], -1)[:, :vocab_size].bool()
