@@ -19,7 +19,7 @@ from pagedserve import SamplingParams
 from pagedserve.engine import LLMEngine
 from pagedserve.sampler import SamplingBatch, apply_penalties
 from pagedserve.sampling_params import StructuredOutputsParams
-from pagedserve.structured_output import allowed_token_bitmask
+from pagedserve.structured_output import GrammarState, allowed_token_bitmask
 
 SCHEMA = {"type": "object", "properties": {"story": {"type": "string"}}, "required": ["story"]}
 GRAMMARS = {"none": None, "json_schema": StructuredOutputsParams(json=SCHEMA, disable_any_whitespace=True),
@@ -46,7 +46,8 @@ def decode_step_times(engine: LLMEngine, batch: int, steps: int, grammar) -> lis
 def grammar_work(engine: LLMEngine, batch: int, grammar) -> tuple[float, float]:
     """(ms to fill the bitmasks of `batch` fresh sequences, ms to mask [batch, V] logits with them)."""
     V = engine.model_config.vocab_size
-    states = [engine.structured_output.matcher(grammar) for _ in range(batch)]
+    compiled = engine.structured_output.compile(grammar)
+    states = [GrammarState(compiled) for _ in range(batch)]
     fills, masks = [], []
     for _ in range(20):
         t = time.perf_counter()

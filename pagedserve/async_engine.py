@@ -47,6 +47,7 @@ class _Add:
     prompt: object
     params: SamplingParams
     cache_salt: str | None
+    grammar: object               # the compiled structured_outputs, or None
     loop: asyncio.AbstractEventLoop
     accepted: asyncio.Future      # set to None, or to the exception add_request raised
     outputs: asyncio.Queue        # RequestOutput deltas, or an exception that ends the stream
@@ -164,9 +165,10 @@ class AsyncEngine:
         if not self.is_running:
             raise EngineDeadError("the engine is not running")
         loop = asyncio.get_running_loop()
-        if params.structured_outputs is not None:  # the engine's own compile is then a cache hit
-            await self.compile_grammar(params.structured_outputs)
-        cmd = _Add(request_id, prompt, params, cache_salt, loop, loop.create_future(), asyncio.Queue())
+        grammar = None
+        if params.structured_outputs is not None:  # compiled here, so the engine thread need not
+            grammar = await self.compile_grammar(params.structured_outputs)
+        cmd = _Add(request_id, prompt, params, cache_salt, grammar, loop, loop.create_future(), asyncio.Queue())
         self._submit(cmd)
         try:
             await cmd.accepted
@@ -175,11 +177,11 @@ class AsyncEngine:
             raise
         return RequestStream(self, request_id, cmd.outputs)
 
-    async def compile_grammar(self, grammar: StructuredOutputsParams) -> None:
-        """Compile (and cache) a grammar off the engine thread; raises GrammarError (a ValueError) saying why
-        it is invalid."""
+    async def compile_grammar(self, grammar: StructuredOutputsParams):
+        """The CompiledGrammar, compiled (and cached) off the engine thread; raises GrammarError (a ValueError)
+        saying why it cannot be followed."""
         loop = asyncio.get_running_loop()
-        await loop.run_in_executor(self._grammar_compiler, self.engine.structured_output.compile, grammar)
+        return await loop.run_in_executor(self._grammar_compiler, self.engine.structured_output.compile, grammar)
 
     async def generate(self, prompt, params: SamplingParams, request_id: str,
                        cache_salt: str | None = None) -> AsyncIterator[RequestOutput]:
@@ -264,7 +266,8 @@ class AsyncEngine:
                                        f"(--max-waiting {self.max_waiting}); retry later")
             else:
                 try:
-                    engine.add_request(cmd.request_id, cmd.prompt, cmd.params, cache_salt=cmd.cache_salt)
+                    engine.add_request(cmd.request_id, cmd.prompt, cmd.params, cache_salt=cmd.cache_salt,
+                                       compiled_grammar=cmd.grammar)
                     self._streams[cmd.request_id] = cmd
                     waiting += 1
                 except Exception as e:  # ValueError: the request's fault; anything else still stays its own

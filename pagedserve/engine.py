@@ -12,6 +12,7 @@ The caller gets a StepError naming the aborted requests; the engine goes on serv
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import time
 from dataclasses import dataclass, field
@@ -27,7 +28,7 @@ from pagedserve.runner import ModelRunner, kv_bytes_per_block
 from pagedserve.sampler import SamplingBatch, TokenLogprobs, min_tokens_banned_ids, sample
 from pagedserve.sampling_params import SamplingParams
 from pagedserve.scheduler import Scheduler, SchedulerConfig
-from pagedserve.structured_output import GrammarState, StructuredOutputManager, allowed_token_bitmask
+from pagedserve.structured_output import GrammarState, StructuredOutputManager, allowed_token_bitmask, ban_tokens
 from pagedserve.tokenizer import OutputText, encode_prompt
 
 
@@ -116,6 +117,9 @@ class LLMEngine:
                                   config.attention_backend, config.max_num_seqs, config.enforce_eager)
         self.eos_token_ids = set(mc.eos_token_ids)
         self.structured_output = StructuredOutputManager(self.tokenizer, mc.vocab_size, self.eos_token_ids)
+        # Logprobs name each listed token by its text: decoded once per token id (a long prompt's
+        # prompt_logprobs would otherwise decode 21 tokens per position on this thread).
+        self._token_text = functools.lru_cache(maxsize=1 << 17)(lambda tid: self.tokenizer.decode([tid]))
         self.generator = torch.Generator(device=config.device).manual_seed(config.seed)
         self.groups: dict[str, _Group] = {}
         self._seq_owner: dict[str, tuple[_Group, _Sample]] = {}
@@ -128,8 +132,10 @@ class LLMEngine:
     # ---- requests -------------------------------------------------------------------------
     def add_request(self, request_id: str | None, prompt: str | list[int] | dict,
                     params: SamplingParams | None = None, cache_salt: str | None = None,
-                    arrival_time: float | None = None) -> str:
-        """Queue a request; raises ValueError if it is malformed or could never fit."""
+                    arrival_time: float | None = None, compiled_grammar=None) -> str:
+        """Queue a request; raises ValueError if it is malformed or could never fit (GrammarError: its
+        structured_outputs cannot be followed). compiled_grammar: params.structured_outputs already compiled
+        (structured_output.StructuredOutputManager.compile), so this thread need not."""
         params = params or SamplingParams()
         request_id = str(next(self._ids)) if request_id is None else request_id
         if request_id in self.groups:
@@ -145,7 +151,9 @@ class LLMEngine:
         bad_bias = [t for t in params.logit_bias or {} if not 0 <= t < vocab]
         if bad_bias:
             raise ValueError(f"logit_bias: token ids must be in [0, {vocab}), got {bad_bias[:8]}")
-        grammar = params.structured_outputs
+        grammar = compiled_grammar
+        if grammar is None and params.structured_outputs is not None:
+            grammar = self.structured_output.compile(params.structured_outputs)
         samples = []
         for i in range(params.n):
             seq = Request(_sample_id(request_id, i), token_ids, params, cache_salt=cache_salt, sample_index=i,
@@ -153,7 +161,7 @@ class LLMEngine:
             gen = None
             if params.seed is not None:
                 gen = torch.Generator().manual_seed(params.seed + i)
-            state = self.structured_output.matcher(grammar) if grammar is not None else None  # GrammarError
+            state = GrammarState(grammar) if grammar is not None else None
             samples.append(_Sample(seq, OutputText(self.tokenizer, params, token_ids), gen, state))
         self.scheduler.add_request(samples[0].seq)  # validates the length against window and pool
         group = _Group(request_id, text, token_ids, params, samples, forked=params.n == 1,
@@ -266,7 +274,7 @@ class LLMEngine:
             if result.logprobs is not None and result.logprobs[r] is not None:
                 entry = result.logprobs[r].as_dict()
                 for tid, lp in entry.items():
-                    lp.decoded_token = self.tokenizer.decode([tid])
+                    lp.decoded_token = self._token_text(tid)
                 s.logprobs.append(entry)
                 s.cumulative_logprob += entry[token].logprob
             # A grammar that reached its end (its stop token accepted) ends the sequence, even under ignore_eos.
@@ -284,19 +292,21 @@ class LLMEngine:
         for entry in entries[len(have) - position:] if position <= len(have) else []:
             lps = entry.as_dict()
             for tid, lp in lps.items():
-                lp.decoded_token = self.tokenizer.decode([tid])
+                lp.decoded_token = self._token_text(tid)
             have.append(lps)
 
     def _sampling_batch(self, rows: list[tuple[_Group, _Sample]], device: torch.device) -> SamplingBatch:
-        # A grammar decides itself when EOS may come: min_tokens does not ban it there (the ban could leave
-        # no token at all).
-        banned = [min_tokens_banned_ids(g.params, s.seq.num_output_tokens, self.eos_token_ids)
-                  if s.grammar is None else None for g, s in rows]
+        banned = [min_tokens_banned_ids(g.params, s.seq.num_output_tokens, self.eos_token_ids) for g, s in rows]
         grammar_rows = [r for r, (_, s) in enumerate(rows) if s.grammar is not None]
         grammar = None
         if grammar_rows:
             states = [rows[r][1].grammar for r in grammar_rows]
-            grammar = (grammar_rows, allowed_token_bitmask(states, self.model_config.vocab_size))
+            bitmask = allowed_token_bitmask(states, self.model_config.vocab_size)
+            for i, r in enumerate(grammar_rows):
+                if banned[r]:  # min_tokens' bans go into the grammar's mask, unless they would leave no token
+                    ban_tokens(bitmask[i], banned[r])
+                    banned[r] = None
+            grammar = (grammar_rows, bitmask)
         return SamplingBatch.build(
             [g.params for g, _ in rows], [s.seq.output_token_ids for _, s in rows],
             [g.prompt_token_ids for g, _ in rows], [s.generator for _, s in rows],

@@ -1,7 +1,7 @@
 """Structured output: grammars compiled by xgrammar, one matcher per sequence, a token bitmask per step.
 
 A request's StructuredOutputsParams (JSON schema, regex, choice, EBNF, any JSON object) is compiled once
-per distinct grammar (cached here and inside xgrammar) into a CompiledGrammar; each of the request's
+per distinct grammar (cached here, bounded by bytes) into a CompiledGrammar; each of the request's
 sequences walks it with its own GrammarMatcher. Every step the engine asks each such matcher for the set
 of tokens it allows, as a bitmask (one bit per vocabulary entry, 32 per int32 word), and the sampler masks
 the other logits to -inf in one batched op (sampler.apply_penalties). A sequence whose grammar reached its
@@ -17,6 +17,7 @@ import json
 import re
 import sys
 import threading
+import time
 from collections import OrderedDict
 from typing import Sequence
 
@@ -24,7 +25,13 @@ import torch
 
 from pagedserve.sampling_params import StructuredOutputsParams
 
-CACHE_SIZE = 256  # compiled grammars kept (distinct schemas), least recently used dropped first
+# Compiled grammars kept, least recently used dropped first. Agents send a new schema or tool set with
+# nearly every request, so the cache is bounded by bytes (xgrammar's own cache is off: it never forgets).
+CACHE_BYTES = 256 << 20
+MAX_GRAMMAR_CHARS = 1 << 16  # longest schema, regex, EBNF or list of choices (as text) accepted
+# A grammar whose first token mask takes longer than this to compute would slow every step of everyone
+# batched with it (the masks are computed on the engine thread): refused at compile time.
+MAX_FIRST_MASK_S = 0.05
 # A JSON grammar with free whitespace lets a model emit whitespace forever; bound each run of it.
 MAX_WHITESPACE = 8
 BITS = 32  # vocabulary entries per bitmask word
@@ -35,9 +42,9 @@ class GrammarError(ValueError):
 
 
 def _clean(error: Exception) -> str:
-    """xgrammar's message without its '[time] /source/file.cc:line: ' prefix."""
-    text = str(error).strip()
-    return re.sub(r"^\[[\d:]+\] \S+:\d+: ", "", text)
+    """xgrammar's message without its '[time] /source/file.cc:line: ' prefix, capped (it may quote the input)."""
+    text = re.sub(r"^\[[\d:]+\] \S+:\d+: ", "", str(error).strip())
+    return text if len(text) <= 512 else text[:512] + "..."
 
 
 def _choice_grammar(choices: Sequence[str]) -> str:
@@ -54,6 +61,7 @@ class StructuredOutputManager:
         self._stop_token_ids = sorted(stop_token_ids)
         self._compiler = None
         self._cache: OrderedDict[tuple, object] = OrderedDict()
+        self._cache_bytes = 0
         self._lock = threading.Lock()
 
     def _get_compiler(self):
@@ -62,12 +70,19 @@ class StructuredOutputManager:
                 import xgrammar as xgr  # the first grammar pays for the import and the token tables
                 info = xgr.TokenizerInfo.from_huggingface(self._tokenizer, vocab_size=self.vocab_size,
                                                           stop_token_ids=self._stop_token_ids)
-                self._compiler = xgr.GrammarCompiler(info, max_threads=1)
+                self._compiler = xgr.GrammarCompiler(info, max_threads=1, cache_enabled=False)
             return self._compiler
 
     def compile(self, params: StructuredOutputsParams):
         """The CompiledGrammar of params; raises GrammarError saying why it cannot be compiled."""
-        key = params.key()
+        try:
+            key = params.key()
+        except RecursionError:  # json.dumps of a schema nested deeper than Python's stack
+            raise GrammarError(f"invalid {params.kind} for structured output: nested too deeply") from None
+        spec = key[1]  # text, a tuple of choices, or True (json_object)
+        chars = len(spec) if isinstance(spec, str) else sum(map(len, spec)) if isinstance(spec, tuple) else 0
+        if chars > MAX_GRAMMAR_CHARS:
+            raise GrammarError(f"the {params.kind} for structured output is longer than {MAX_GRAMMAR_CHARS} characters")
         with self._lock:
             if key in self._cache:
                 self._cache.move_to_end(key)
@@ -89,16 +104,23 @@ class StructuredOutputManager:
                 compiled = compiler.compile_grammar(_choice_grammar(spec))
             else:
                 compiled = compiler.compile_grammar(spec)
-        except (RuntimeError, ValueError, TypeError) as e:
+        except (RuntimeError, ValueError, TypeError, RecursionError) as e:
             raise GrammarError(f"invalid {kind} for structured output: {_clean(e)}") from None
+        start = time.thread_time()  # CPU time: a busy machine must not make a cheap grammar look costly
+        allowed_token_bitmask([GrammarState(compiled)], self.vocab_size)
+        first_mask_s = time.thread_time() - start
+        if first_mask_s > MAX_FIRST_MASK_S:
+            raise GrammarError(f"the {kind} for structured output is too costly to follow: its first token mask "
+                               f"took {first_mask_s * 1e3:.0f} ms (at most {MAX_FIRST_MASK_S * 1e3:.0f} ms); "
+                               f"simplify it (fewer ambiguous alternatives)")
         with self._lock:
-            self._cache[key] = compiled
-            while len(self._cache) > CACHE_SIZE:
-                self._cache.popitem(last=False)
+            if key not in self._cache:
+                self._cache[key] = compiled
+                self._cache_bytes += compiled.memory_size_bytes
+            while self._cache_bytes > CACHE_BYTES and len(self._cache) > 1:
+                self._cache_bytes -= self._cache.popitem(last=False)[1].memory_size_bytes
         return compiled
 
-    def matcher(self, params: StructuredOutputsParams) -> "GrammarState":
-        return GrammarState(self.compile(params))
 
 
 class GrammarState:
@@ -127,6 +149,19 @@ def allowed_token_bitmask(states: Sequence[GrammarState], vocab_size: int) -> to
     for i, state in enumerate(states):
         state.fill(bitmask, i)
     return bitmask
+
+
+def ban_tokens(row: torch.Tensor, token_ids: Sequence[int]) -> bool:
+    """Clear token_ids' bits in one row of a bitmask, unless that would leave no token allowed; returns
+    whether it did. The caller then needs no separate ban (and a grammar that can only end is let end)."""
+    ids = torch.tensor([t for t in token_ids if 0 <= t < row.numel() * BITS], dtype=torch.int64)
+    bits = torch.ones_like(ids, dtype=torch.int32) << (ids % BITS).to(torch.int32)  # bit 31: the sign bit, fine
+    banned = torch.zeros_like(row).index_put_((ids // BITS,), bits, accumulate=True)
+    kept = row & ~banned
+    if not bool(kept.any()):
+        return False
+    row.copy_(kept)
+    return True
 
 
 def unpack_bitmask(bitmask: torch.Tensor, vocab_size: int) -> torch.Tensor:

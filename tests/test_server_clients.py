@@ -227,8 +227,13 @@ def test_lm_eval_requests(tiny):
         ctxlen = len(context)
         assert len(token_logprobs) == len(context + continuation) + 1  # the [ctxlen:-1] slice is the continuation
         assert all(isinstance(x, float) for x in token_logprobs[ctxlen:-1])
+        greedy = 0
         for tok_lp, top in zip(token_logprobs[1:], top_logprobs[1:]):  # is_greedy compares these exactly
-            assert max(top.values()) >= tok_lp and len(top) in (1, 2)
+            assert len(top) in (1, 2)  # the top-1 and the token itself, if it is not the top-1
+            best = max(top.values())
+            greedy += tok_lp == best
+            assert tok_lp == best if len(top) == 1 else tok_lp < best
+        assert greedy >= 1  # the generated token (temperature 0) is the top-1, exactly
         r = http.post("/v1/completions", json={"model": model, "prompt": [context], "max_tokens": 16,
                                                 "temperature": 0.0, "stop": ["\n", "Q:", "<|im_end|>"],
                                                 "seed": 1234}).json()
@@ -250,6 +255,8 @@ REFUSALS = [
     ({"structured_outputs": {"regex": "a", "choice": ["a"]}}, "structured_outputs", "exactly one"),
     ({"structured_outputs": {"structural_tag": "{}"}}, "structured_outputs", "not supported"),
     ({"structured_outputs": {"regex": "a"}, "response_format": {"type": "json_object"}}, "structured_outputs", "both"),
+    ({"guided_regex": "(unclosed"}, "guided_regex", "regex"),
+    ({"guided_choice": ["a"], "structured_outputs": {"regex": "a"}}, "structured_outputs", "guided"),
     ({"logit_bias": {"abc": 1}}, "logit_bias", "token ids"),
     ({"logit_bias": {"-5": 1}}, "logit_bias", "token ids"),
     ({"structured_outputs": {"choice": "yes"}}, "structured_outputs", "list of strings"),
@@ -270,6 +277,12 @@ def test_refusals_are_clear_and_leave_nothing(tiny, extra, param, words):
     err = assert_error(httpx.post(f"{tiny}/v1/chat/completions", json=body, timeout=30), 400, words)
     assert err["param"] == param
     assert wait_idle(tiny)["pagedserve:kv_cache_usage_perc"] == 0
+
+
+def test_guided_names_constrain_as_structured_outputs(tiny):
+    r = httpx.post(f"{tiny}/v1/completions", json={"prompt": "hi", "max_tokens": 10, "n": 3, "seed": 0,
+                                                   "guided_choice": ["left", "right"]}).json()
+    assert {c["text"] for c in r["choices"]} <= {"left", "right"}
 
 
 def test_completions_refusals(tiny):

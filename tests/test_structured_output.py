@@ -174,7 +174,7 @@ def reference_prompt_logprobs(model_dir: str, ids: list[int]) -> torch.Tensor:
     return lp[:-1].gather(1, torch.tensor(ids[1:]).unsqueeze(1)).squeeze(1), lp[:-1]
 
 
-def test_prompt_logprobs_match_transformers_through_chunks_cache_and_preemption(tiny_model_dir):
+def test_prompt_logprobs_match_transformers_through_chunks_and_a_warm_cache(tiny_model_dir):
     ids = [(7 * i + 3) % 317 + 3 for i in range(90)]
     want, full = reference_prompt_logprobs(tiny_model_dir, ids)
     engine = LLMEngine(model=tiny_model_dir, dtype="float32", num_kv_blocks=24, max_num_batched_tokens=32)
@@ -208,13 +208,18 @@ def test_prompt_logprobs_survive_preemption_mid_prompt(tiny_model_dir):
     hog = SamplingParams(max_tokens=50, temperature=0.0, ignore_eos=True)
     engine.add_request("hog", {"prompt_token_ids": [(3 * i) % 300 + 10 for i in range(100)]}, hog)
     engine.add_request("lp", {"prompt_token_ids": ids}, SamplingParams(max_tokens=2, prompt_logprobs=0))
-    got = None
+    got, preempted_mid_prompt = None, False
     while engine.has_unfinished_requests():
+        lp = engine.groups.get("lp")
+        seq = lp.samples[0].seq if lp else None
+        before = (seq.num_computed_tokens, seq.num_preemptions) if seq else (0, 0)
         for o in engine.step():
             if o.request_id == "lp" and o.prompt_logprobs is not None:
                 got = o.prompt_logprobs
+        if seq and seq.num_preemptions > before[1] and 0 < before[0] < len(ids):
+            preempted_mid_prompt = True  # preempted in this step, with part of its prompt computed
         engine.check_invariants()
-    assert engine.stats()["num_preemptions"] > 0
+    assert preempted_mid_prompt
     torch.testing.assert_close(torch.tensor([got[p][ids[p]].logprob for p in range(1, len(ids))]), want,
                                atol=1e-4, rtol=0)
 
@@ -227,3 +232,24 @@ def test_max_tokens_zero_computes_the_prompt_only(llm):
     assert len(o.prompt_logprobs) == 50 and o.prompt_logprobs[0] is None
     assert all(len(e) in (1, 2) for e in o.prompt_logprobs[1:])  # the token and the top-1 (the same, or not)
     assert llm.stats()["kv_blocks_used"] == 0
+
+
+def test_min_tokens_holds_under_a_grammar_unless_only_the_end_is_left(llm):
+    """A stop token banned by min_tokens stays banned under a grammar that would allow it; a grammar whose only
+    way on is its end is let end."""
+    stop_id = llm.get_tokenizer().convert_tokens_to_ids("a")
+    free = so(regex="[ab]{1,12}")
+    params = SamplingParams(n=6, temperature=1.0, seed=5, max_tokens=20, min_tokens=4, stop_token_ids=[stop_id],
+                            structured_outputs=free, logit_bias={stop_id: 5.0})
+    for c in llm.generate([PROMPT], params, use_tqdm=False)[0].outputs:
+        assert len(c.token_ids) >= 4 and stop_id not in c.token_ids[:4], c.token_ids
+    ended = SamplingParams(max_tokens=10, min_tokens=5, structured_outputs=so(choice=["b"]))
+    out = llm.generate([PROMPT], ended, use_tqdm=False)[0].outputs[0]
+    assert (out.text, out.finish_reason) == ("b", "stop")
+
+
+def test_ban_tokens_clears_bits_unless_nothing_would_be_left():
+    from pagedserve.structured_output import ban_tokens
+    row = torch.tensor([0b110, -(1 << 31)], dtype=torch.int32)  # tokens 1, 2 and 63
+    assert ban_tokens(row, [2, 63]) and row.tolist() == [0b010, 0]
+    assert not ban_tokens(row, [1]) and row.tolist() == [0b010, 0]  # token 1 is all that is left: kept

@@ -165,6 +165,22 @@ def test_required_schema_with_lifted_defs_compiles(compiler):
     req = plan("required", tools=[tool]).structured_outputs().json
     assert accepts(compiler, req, '[{"name": "a", "parameters": {"v": 3}}]')
     assert not accepts(compiler, req, '[{"name": "a", "parameters": {"v": "3"}}]')
+    # draft-7 "definitions" move up the same way
+    draft7 = {"type": "function", "function": {"name": "b", "parameters": {
+        "type": "object", "properties": {"w": {"$ref": "#/definitions/W"}}, "required": ["w"],
+        "definitions": {"W": {"type": "boolean"}}}}}
+    req = plan("required", tools=[draft7]).structured_outputs().json
+    assert req["definitions"] == {"W": {"type": "boolean"}}
+    assert accepts(compiler, req, '[{"name": "b", "parameters": {"w": true}}]')
+    assert not accepts(compiler, req, '[{"name": "b", "parameters": {"w": 1}}]')
+
+
+def test_a_root_reference_cannot_be_nested():
+    tool = {"type": "function", "function": {"name": "tree", "parameters": {
+        "type": "object", "properties": {"kids": {"type": "array", "items": {"$ref": "#"}}}}}}
+    assert plan("auto", tools=[tool]) is not None  # free text: nothing nests it
+    with pytest.raises(OpenAIError, match="refer to their root"):
+        plan("required", tools=[tool]).structured_outputs()
 
 
 # --- parsing --------------------------------------------------------------------------------------------------

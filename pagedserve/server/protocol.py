@@ -123,6 +123,11 @@ class _SamplingFields(_Body):
     response_format: dict[str, Any] | None = None
     structured_outputs: dict[str, Any] | None = None
     prompt_logprobs: int | None = None
+    # vLLM's earlier names for structured_outputs' json, regex, choice and grammar
+    guided_json: str | dict[str, Any] | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
 
     def check_common(self) -> None:
         if not 1 <= self.n <= MAX_N:
@@ -148,9 +153,24 @@ class _SamplingFields(_Body):
             ids[int(key)] = bias
         return ids
 
+    @property
+    def grammar_field(self) -> str:
+        """The request field a grammar came from, for its errors."""
+        if self.structured_outputs is not None:
+            return "structured_outputs"
+        return next((f"guided_{k}" for k in ("json", "regex", "choice", "grammar")
+                     if getattr(self, f"guided_{k}") is not None), "response_format")
+
     def grammar(self) -> StructuredOutputsParams | None:
         """The grammar of response_format (OpenAI) or structured_outputs (vLLM's extra), if any."""
         rf, extra = self.response_format, self.structured_outputs
+        guided = {k: getattr(self, f"guided_{k}") for k in ("json", "regex", "choice", "grammar")
+                  if getattr(self, f"guided_{k}") is not None}
+        if guided:
+            if extra is not None:
+                raise bad_request("send either structured_outputs or the guided_* fields, not both",
+                                  "structured_outputs")
+            extra = guided
         from_rf = response_format_grammar(rf) if rf is not None else None
         if extra is None:
             return from_rf

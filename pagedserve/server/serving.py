@@ -176,7 +176,7 @@ class OpenAIServing:
         audit(request, model=body.model)
         model = self.check_model(body.model)
         params = body.to_sampling_params()
-        await self.check_params(params, "structured_outputs" if body.structured_outputs else "response_format")
+        await self.check_params(params, body.grammar_field)
         batch = body.prompts()
         for i, p in enumerate(batch):
             where = "prompt" if len(batch) == 1 else f"prompt {i}"
@@ -211,7 +211,7 @@ class OpenAIServing:
         params = body.to_sampling_params()
         tools = parse_tool_plan(body.tools, body.tool_choice, body.parallel_tool_calls)
         conversation, template_kwargs = body.conversation(), dict(body.chat_template_kwargs or {})
-        grammar_field = "structured_outputs" if body.structured_outputs else "response_format"
+        grammar_field = body.grammar_field
         if tools is not None:
             tool_grammar = tools.structured_outputs()  # "required" and named calls follow their schemas
             if tool_grammar is not None:
@@ -221,6 +221,8 @@ class OpenAIServing:
                 params, grammar_field = dataclasses.replace(params, structured_outputs=tool_grammar), "tools"
             conversation, extra = tools.conversation(conversation, self.template_supports_tools)
             template_kwargs.update(extra)
+            if tools.choice != "none":  # where <tool_call> is a special token, its text must survive decoding
+                params = dataclasses.replace(params, skip_special_tokens=False)
         await self.check_params(params, grammar_field)
         ids = await self._chat_tokens(conversation, body.add_generation_prompt, template_kwargs or None)
         num_logprobs = (body.top_logprobs or 0) if body.logprobs else None
@@ -302,7 +304,7 @@ class OpenAIServing:
         finally:
             merged.close()
         record()
-        if job.num_logprobs is not None or job.echo:  # token texts are decoded: on the text worker
+        if job.num_logprobs is not None or job.echo or job.prompt_logprobs:  # token texts: on the text worker
             return JSONResponse(await self.text.run(self._full_body, job, outs))
         return JSONResponse(self._full_body(job, outs))
 

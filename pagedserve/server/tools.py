@@ -141,28 +141,39 @@ class ToolPlan:
         return _call(value["name"], _dumps(value.get("arguments", {})), new_id)
 
 
+def _refs_root(schema: Any) -> bool:
+    """Whether a schema refers to its own root ("$ref": "#"), which stops meaning it once it is nested."""
+    if isinstance(schema, dict):
+        return schema.get("$ref") == "#" or any(_refs_root(v) for v in schema.values())
+    return isinstance(schema, list) and any(_refs_root(v) for v in schema)
+
+
 def required_schema(functions: list[dict], parallel: bool) -> dict:
     """vLLM's schema for tool_choice "required": a non-empty array of {"name", "parameters"} objects, each
-    one function's name and arguments. Each function's "$defs" move to the root, where its "#/$defs/..."
-    references now point (its parameters are no longer the root)."""
-    defs: dict[str, Any] = {}
+    one function's name and arguments. Each function's "$defs" (and draft-7 "definitions") move to the root,
+    where its "#/$defs/..." references now point (its parameters are no longer the root)."""
+    defs: dict[str, dict[str, Any]] = {"$defs": {}, "definitions": {}}
     branches = []
     for f in functions:
         params = dict(f["parameters"])
-        own = params.pop("$defs", {})
-        if not isinstance(own, dict):
-            raise bad_request(f"the $defs of function {f['name']!r} must be an object, got {shorten(own)}", "tools")
-        for key, schema in own.items():
-            if defs.setdefault(key, schema) != schema:
-                raise bad_request(f"tools define $defs {shorten(key)} differently; tool_choice 'required' "
-                                  "needs one definition per name", "tools")
+        if _refs_root(params):
+            raise bad_request(f"the parameters of function {f['name']!r} refer to their root ('$ref': '#'), "
+                              "which tool_choice 'required' cannot keep (they are nested in its schema)", "tools")
+        for section, merged in defs.items():
+            own = params.pop(section, {})
+            if not isinstance(own, dict):
+                raise bad_request(f"the {section} of function {f['name']!r} must be an object, got {shorten(own)}",
+                                  "tools")
+            for key, schema in own.items():
+                if merged.setdefault(key, schema) != schema:
+                    raise bad_request(f"tools define {section} {shorten(key)} differently; tool_choice 'required' "
+                                      "needs one definition per name", "tools")
         branches.append({"type": "object", "properties": {"name": {"const": f["name"]}, "parameters": params},
                          "required": ["name", "parameters"], "additionalProperties": False})
     schema: dict[str, Any] = {"type": "array", "minItems": 1, "items": {"anyOf": branches}}
     if not parallel:
         schema["maxItems"] = 1
-    if defs:
-        schema["$defs"] = defs
+    schema.update({section: merged for section, merged in defs.items() if merged})
     return schema
 
 
