@@ -253,3 +253,14 @@ def test_ban_tokens_clears_bits_unless_nothing_would_be_left():
     row = torch.tensor([0b110, -(1 << 31)], dtype=torch.int32)  # tokens 1, 2 and 63
     assert ban_tokens(row, [2, 63]) and row.tolist() == [0b010, 0]
     assert not ban_tokens(row, [1]) and row.tolist() == [0b010, 0]  # token 1 is all that is left: kept
+
+
+def test_grammars_too_long_or_too_costly_are_refused(tiny_model_dir, monkeypatch):
+    from pagedserve import structured_output
+    engine = LLMEngine(model=tiny_model_dir, dtype="float32", num_kv_blocks=16)
+    with pytest.raises(GrammarError, match="longer than"):
+        engine.add_request("long", PROMPT, SamplingParams(structured_outputs=so(choice=["x" * 40000, "y" * 40000])))
+    monkeypatch.setattr(structured_output, "MAX_FIRST_MASK_S", 0.0)  # every grammar costs more than nothing
+    with pytest.raises(GrammarError, match="too costly"):
+        engine.add_request("costly", PROMPT, SamplingParams(structured_outputs=so(regex="[a-z]+")))
+    assert not engine.has_unfinished_requests()
