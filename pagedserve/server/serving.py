@@ -90,8 +90,8 @@ class OpenAIServing:
         self.metrics = metrics
         self.model_names = config.served_model_names or (engine.model_name,)
         self.token_text = R.TokenText(tokenizer)  # decodes: call it on the text worker's thread
-        self.created = int(time.time())
-        self.template_supports_tools = template_supports_tools(tokenizer)  # the models' "created": when this server started serving them
+        self.created = int(time.time())  # the models' "created": when this server started serving them
+        self.template_supports_tools = template_supports_tools(tokenizer)
 
     def close(self) -> None:
         self.text.close()
