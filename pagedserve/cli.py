@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 
 from pagedserve.config import ATTENTION_BACKENDS, DTYPES, KV_RESERVATIONS, QUANTIZATIONS, EngineConfig
@@ -140,6 +141,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return run_server(args, engine_config(args))
 
 
+def cmd_export_tokenizer(args: argparse.Namespace) -> int:
+    """Save the model's tokenizer and chat template as a Hugging Face folder (tokenizer.json,
+    tokenizer_config.json, chat template), for clients that tokenize themselves (lm-eval's huggingface
+    backend: tokenizer=DIR) with no hub; for a GGUF model this is the tokenizer the file carries."""
+    from pagedserve.model.loader import default_model_path, load_tokenizer
+    tokenizer = load_tokenizer(args.tokenizer or args.model or default_model_path())
+    written = tokenizer.save_pretrained(args.out)
+    print(f"saved the tokenizer of {args.tokenizer or args.model or 'the default model'} to {args.out}: "
+          f"{', '.join(sorted(os.path.basename(f) for f in written))}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(prog="pagedserve", description="LLM inference and serving with a paged KV cache")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -163,6 +176,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_server_args(p)
     add_engine_args(p)
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("export-tokenizer", help="save the model's tokenizer and chat template as a HF folder",
+                       description=cmd_export_tokenizer.__doc__)
+    p.add_argument("out", help="folder to write")
+    p.add_argument("--model", default=None, help="HF folder or .gguf file (default: the default model)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer folder or .gguf file (default: the model's own)")
+    p.set_defaults(func=cmd_export_tokenizer)
 
     p = sub.add_parser("bench", help="benchmarks: workload, throughput, serve, report")
     bench = p.add_subparsers(dest="bench_command", required=True)

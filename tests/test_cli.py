@@ -137,3 +137,15 @@ def test_import_bounds_the_openmp_spin_unless_the_user_chose():
     assert _env_after_import() == "1000"
     assert _env_after_import(GOMP_SPINCOUNT="5") == "5"
     assert _env_after_import(OMP_WAIT_POLICY="PASSIVE") == "None"  # libgomp would let the count override it
+
+
+def test_export_tokenizer_writes_a_folder_transformers_loads(tiny_model_dir, tmp_path, capsys):
+    from transformers import AutoTokenizer
+    out = tmp_path / "tok"
+    assert main(["export-tokenizer", str(out), "--model", tiny_model_dir]) == 0
+    assert "tokenizer.json" in capsys.readouterr().out
+    mine, theirs = AutoTokenizer.from_pretrained(tiny_model_dir), AutoTokenizer.from_pretrained(str(out))
+    text = "Hello world! Paged attention stores keys and values."
+    assert theirs.encode(text) == mine.encode(text)
+    chat = [{"role": "user", "content": "hi"}]
+    assert theirs.apply_chat_template(chat, tokenize=False) == mine.apply_chat_template(chat, tokenize=False)
