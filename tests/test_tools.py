@@ -350,16 +350,120 @@ def test_named_stream():
             assert reassemble(stream(p, random_splits(text, rng))) == p.parse(text, ids())
 
 
-def test_required_and_none_streams():
-    req = plan("required")
-    text = '[{"name": "get_weather", "parameters": {"city": "Paris"}}, {"name": "get_time", "parameters": {}}]'
-    s = ToolCallStream(req, ids())
-    assert s.feed(text[:20]) == [] and s.feed(text[20:]) == []
-    assert [d["tool_calls"][0]["index"] for d in s.finish()] == [0, 1]
-    rng = random.Random(1)
-    for t in (text, text[:30], ""):
-        assert reassemble(stream(req, random_splits(t, rng))) == req.parse(t, ids())
-    none = plan("none")
+NOTE = {"type": "function", "function": {"name": "save_note", "parameters": {"type": "object", "properties": {
+    "text": {"type": "string"}, "tags": {"type": "array"}, "meta": {"type": "object"}}}}}
+REQUIRED_TOOLS = TOOLS + [NOTE]
+TRICKY = {"text": 'braces } { ] [ , quotes " \' and a backslash \\ then \\" and "name": "get_time", "parameters": {',
+          "tags": ["[", "]", "{", "}", "", "\\", "tab\there\nnewline", "Zürich 😀"],
+          "meta": {"deep": {"deeper": [1, -2.5e3, True, False, None, {"": {}}, [[], [{}]]]}, "end": "C:\\dir\\"}}
+CALLS = [("get_weather", {"city": "Paris", "unit": "C"}), ("save_note", TRICKY), ("get_time", {})]
+
+
+def spaced(value, ws) -> str:
+    """value as JSON with ws() (some JSON whitespace) between every two tokens, as the grammar allows."""
+    if isinstance(value, dict):
+        inner = [ws() + json.dumps(k) + ws() + ":" + ws() + spaced(v, ws) + ws() for k, v in value.items()]
+    elif isinstance(value, list):
+        inner = [ws() + spaced(v, ws) + ws() for v in value]
+    else:
+        return json.dumps(value, ensure_ascii=False)
+    opening, closing = "{}" if isinstance(value, dict) else "[]"
+    return opening + (",".join(inner) or ws()) + closing
+
+
+def required_text(calls, ws) -> str:
+    return ws() + spaced([{"name": n, "parameters": a} for n, a in calls], ws) + ws()
+
+
+def whitespace(seed):
+    rng = random.Random(seed)
+    return lambda: rng.choice(["", " ", "\n", "  ", "\n  \t", "\r\n"] + [" " * 8] * (seed % 2))
+
+
+REQUIRED_CASES = [(calls, required_text(calls, ws)) for calls in (CALLS[:1], CALLS[1:2], CALLS)
+                  for ws in (lambda: "", lambda: " ", lambda: "\n", whitespace(1), whitespace(2), whitespace(3))]
+REQUIRED_TEXTS = [text for _, text in REQUIRED_CASES]
+
+
+@pytest.mark.parametrize("parallel", [True, False])
+@pytest.mark.parametrize("given, text", REQUIRED_CASES)
+def test_required_stream_reassembles_to_parse(given, text, parallel):
+    p, rng = plan("required", parallel, REQUIRED_TOOLS), random.Random(text)
+    expected = p.parse(text, ids())
+    content, calls = expected
+    assert content is None and [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in calls] == \
+        (given if parallel else given[:1])
+    # the arguments are the parameters' text as written: from its "{" to its "}", whitespace inside kept
+    assert all(c["function"]["arguments"] in text and c["function"]["arguments"][::len(c["function"]["arguments"]) - 1]
+               == "{}" for c in calls)
+    for pieces in [[text], list(text)] + [random_splits(text, rng) for _ in range(60)]:
+        assert reassemble(stream(p, pieces)) == expected, pieces
+
+
+def test_parse_required_keeps_the_arguments_as_written():
+    text = '\n[ {"name" :"get_weather" ,\n "parameters": { "city" : "Paris\\"}" }\n } ]\n'
+    assert plan("required").parse(text, ids()) == (None, [call("get_weather", '{ "city" : "Paris\\"}" }',
+                                                               f"call_{0:024x}")])
+
+
+@pytest.mark.parametrize("text", [
+    "", "  \n", "not json", '[{"name": {}, "parameters": {}}]', '[{"name": "nope", "parameters": {"a": 1}}]',
+    '{"name": "get_time", "parameters": {}}', '[["name", "get_time", "parameters", {}]]',
+    '[{"parameters": {}, "name": "get_time"}]', '[{"name": "get_time", "x": 1, "parameters": {}}]', "[]",
+    '[{"name": "get_time"', '[{"name": "get_time", "parameters": ',
+])
+def test_required_stream_without_a_call_sends_the_text_as_parse_does(text):
+    p, rng = plan("required"), random.Random(text)
+    for pieces in [[text], list(text)] + [random_splits(text, rng) for _ in range(10)]:
+        s = ToolCallStream(p, ids())
+        deltas = [d for piece in pieces for d in s.feed(piece)]
+        assert deltas == [] and reassemble(deltas + s.finish()) == p.parse(text, ids()) and not s.made_calls
+
+
+def test_required_stream_sends_each_call_as_its_parameters_begin():
+    s = ToolCallStream(plan("required"), ids())
+    header = lambda i, name: {"tool_calls": [{"index": i, "id": f"call_{i:024x}", "type": "function",  # noqa: E731
+                                              "function": {"name": name, "arguments": ""}}]}
+    args = lambda i, text: {"tool_calls": [{"index": i, "function": {"arguments": text}}]}  # noqa: E731
+    assert s.feed('[ {"name": "get_time", "parameters": ') == [] and not s.made_calls
+    assert s.feed("{") == [header(0, "get_time"), args(0, "{")] and s.made_calls
+    assert s.feed(' } } ,\n{"name":"get_weather","parameters":{"ci') == [
+        args(0, " }"), header(1, "get_weather"), args(1, '{"ci')]
+    assert s.feed('ty": "}]"}') == [args(1, 'ty": "}]"}')]
+    assert s.feed("\n}\n]\n") == [] and s.finish() == []
+    # char by char: every call (header and whole arguments) is out before the closing "]" is fed
+    text = REQUIRED_TEXTS[-1]
+    p = plan("required", tools=REQUIRED_TOOLS)
+    s, deltas = ToolCallStream(p, ids()), []
+    end = text.rindex("]")
+    for ch in text[:end]:
+        deltas += s.feed(ch)
+    assert reassemble(deltas) == p.parse(text, ids())
+    assert s.feed(text[end:]) == [] and s.finish() == []
+
+
+def test_required_stream_cut_short_shows_the_calls_begun():
+    p, text = plan("required", tools=REQUIRED_TOOLS), REQUIRED_TEXTS[-1]
+    _, full = p.parse(text, ids())
+    rng = random.Random(5)
+    for cut in range(len(text)):
+        prefix = text[:cut]
+        content, calls = reassemble(stream(p, random_splits(prefix, rng)))
+        if p.parse(prefix, ids())[1]:  # only whitespace cut off: the whole calls
+            assert (content, calls) == (None, full) and not text[cut:].strip(" \t\n\r]")
+        elif calls:  # parse() gives the text and no call; the stream has sent the calls begun so far
+            assert content is None and calls[:-1] == full[:len(calls) - 1]
+            assert {**calls[-1], "function": full[len(calls) - 1]["function"]} == full[len(calls) - 1]
+            assert full[len(calls) - 1]["function"]["arguments"].startswith(calls[-1]["function"]["arguments"])
+        else:
+            assert (content, calls) == p.parse(prefix, ids())
+    s = ToolCallStream(p, ids())
+    s.feed(text[:text.index('"parameters"') + 20])
+    assert s.made_calls and s.finish() == []
+
+
+def test_none_stream():
+    none, rng = plan("none"), random.Random(1)
     t = "A " + block("get_time", "{}")
     assert reassemble(stream(none, random_splits(t, rng))) == (t, [])
 

@@ -21,6 +21,10 @@ MAX_TOOLS = 128  # OpenAI's limit
 NAME_RE = re.compile(r"[a-zA-Z0-9_-]{1,64}")  # OpenAI's rule for function names
 START, END = "<tool_call>", "</tool_call>"
 BLOCK_RE = re.compile(re.escape(START) + "(.*?)" + re.escape(END), re.DOTALL)
+# The start of a "required" array element, up to where its parameters value begins: the grammar writes the keys
+# in the schema's order, with JSON whitespace between tokens.
+JSON_WS = r"[ \t\n\r]*"
+HEAD_RE = re.compile(JSON_WS.join([r"\{", '"name"', ":", r'("(?:[^"\\]|\\.)*")', ",", '"parameters"', ":", ""]))
 
 # The system prompt Qwen2.5's and Hermes' templates write, verbatim, so a model trained on that format sees
 # what it knows. "{tools}" is replaced (not str.format: the text has literal braces) by one JSON line per tool.
@@ -103,19 +107,25 @@ class ToolPlan:
         return render_without_tool_template(conversation, tools), {}
 
     def parse(self, text: str, new_id: IdFactory = make_call_id) -> tuple[str | None, list[dict]]:
-        """The whole output -> (content, tool_calls in OpenAI's shape)."""
+        """The whole output -> (content, tool_calls in OpenAI's shape). Arguments are kept as the model wrote
+        them ("named", "required"), as they are streamed; "auto" re-serialises each block's JSON."""
         if self.choice == "none":
             return text, []
         if self.choice == "named":  # the grammar made the whole text the arguments; kept as written (streamed so)
             return None, [_call(self.named, text, new_id)]
         if self.choice == "required":
-            items = _loads(text)
+            items, calls = _loads(text), []
+            for name, piece in _RequiredScanner(self).feed(text):  # the raw text the stream sends
+                if name is not None:
+                    calls.append([name, ""])
+                else:
+                    calls[-1][1] += piece
             if not (isinstance(items, list) and items and all(
                     isinstance(i, dict) and self.known(i.get("name")) and isinstance(i.get("parameters"), dict)
-                    for i in items)):
+                    for i in items)
+                    and [n for n, _ in calls] == [i["name"] for i in (items if self.parallel else items[:1])]):
                 return (text if text.strip() else None), []  # cut short (max_tokens): the raw text, not a call
-            items = items if self.parallel else items[:1]
-            return None, [_call(i["name"], _dumps(i["parameters"]), new_id) for i in items]
+            return None, [_call(name, arguments, new_id) for name, arguments in calls]
         content, calls, pos = [], [], 0
         for m in BLOCK_RE.finditer(text):
             content.append(text[pos:m.start()])
@@ -297,11 +307,59 @@ def parse_tool_plan(tools: Any, tool_choice: Any, parallel_tool_calls: Any) -> T
     return plan
 
 
+class _RequiredScanner:
+    """Finds each call in a "required" output as it arrives: where an element's parameters value begins (its
+    name is known by then) and the raw text of that value. Scans each new character once, tracking the open
+    brackets and strings; the grammar makes the output valid JSON, so nothing more is checked here."""
+
+    def __init__(self, plan: ToolPlan) -> None:
+        self.plan, self.text = plan, ""
+        self._stack = ""           # the open "[" and "{", outermost first
+        self._in_str = self._esc = False
+        self._item = 0             # where the current array element began
+        self._args: int | None = None  # where the current parameters value began, while it is open
+        self._calls = 0
+
+    def feed(self, text: str) -> list[tuple[str | None, str]]:
+        """(name, "") when a call begins; (None, piece) for the text of the latest call's arguments."""
+        start, self.text, out = len(self.text), self.text + text, []
+        for i in range(start, len(self.text)):
+            c = self.text[i]
+            if self._in_str:  # brackets in strings do not count; an escaped quote does not end one
+                if self._esc:
+                    self._esc = False
+                elif c == "\\":
+                    self._esc = True
+                elif c == '"':
+                    self._in_str = False
+            elif c == '"':
+                self._in_str = True
+            elif c in "[{":
+                if self._stack == "[":
+                    self._item = i
+                elif self._stack == "[{" and c == "{" and (self.plan.parallel or not self._calls) and (
+                        m := HEAD_RE.fullmatch(self.text, self._item, i)) and self.plan.known(name := _loads(m[1])):
+                    self._args, self._calls = i, self._calls + 1
+                    out.append((name, ""))
+                self._stack += c
+            elif c in "]}":
+                self._stack = self._stack[:-1]
+                if self._args is not None and self._stack == "[{":  # the value ends at its own brace
+                    out.append((None, self.text[max(self._args, start):i + 1]))
+                    self._args = None
+        if self._args is not None and text:  # the open value's text so far
+            out.append((None, self.text[max(self._args, start):]))
+        return out
+
+
 class ToolCallStream:
     """One choice's streamed text -> OpenAI chat deltas; what they add up to equals plan.parse(whole text)
     (given the same id factory). "auto" streams content until a possible "<tool_call>" start, holds back only
     that, and sends each block as one tool_call delta when its end arrives. Whitespace-only content is held
-    until something else comes, because parse() calls whitespace-only content None."""
+    until something else comes, because parse() calls whitespace-only content None. "required" sends a call's
+    header as soon as its parameters begin, then their text as it comes (as vLLM does); so an output cut short
+    (max_tokens) shows the calls begun so far, where parse() gives the whole text as content and no call: the
+    equality holds for outputs the grammar completed, and for any output in which no call began."""
 
     def __init__(self, plan: ToolPlan, new_id: IdFactory = make_call_id) -> None:
         self.plan, self.new_id = plan, new_id
@@ -311,14 +369,21 @@ class ToolCallStream:
         self._calls = 0            # tool calls sent
         self._pending = ""         # auto: content held while it is all whitespace
         self._started = False      # auto: non-whitespace content sent; named: the call's header sent
+        self._required = _RequiredScanner(plan) if plan.choice == "required" else None
 
     def feed(self, text: str) -> list[dict]:
         choice = self.plan.choice
         if choice == "none":
             return [{"content": text}] if text else []
-        if choice == "required":  # the array parses only whole
-            self._buf += text
-            return []
+        if self._required is not None:
+            out = []
+            for name, piece in self._required.feed(text):
+                if name is not None:
+                    out.append(_tool_delta(self._calls, _call(name, "", self.new_id)))
+                    self._calls += 1
+                else:
+                    out.append(_tool_delta(self._calls - 1, {"function": {"arguments": piece}}))
+            return out
         if choice == "named":
             out = self._named_header()
             return out + [_tool_delta(0, {"function": {"arguments": text}})] if text else out
@@ -350,10 +415,9 @@ class ToolCallStream:
     def finish(self) -> list[dict]:
         if self.plan.choice == "named":
             return self._named_header()  # an empty output still made the call
-        if self.plan.choice == "required":
-            content, calls = self.plan.parse(self._buf, self.new_id)
-            self._calls = len(calls)
-            return ([{"content": content}] if content else []) + [_tool_delta(i, c) for i, c in enumerate(calls)]
+        if self._required is not None:  # with no call begun, parse() finds none either: the text is content
+            text = self._required.text
+            return [{"content": text}] if not self._calls and text.strip() else []
         if self.plan.choice == "auto":  # an unterminated block or a held tag start is text after all
             rest, self._buf, self._in_block = self._buf, "", False
             return self._content(rest)
