@@ -13,17 +13,25 @@ the request to the engine (AsyncEngine.add_request); the engine's compile is the
 """
 from __future__ import annotations
 
+import ctypes
+import functools
 import json
+import logging
 import re
 import sys
 import threading
 import time
 from collections import OrderedDict
+from pathlib import Path
 from typing import Sequence
 
 import torch
 
+from pagedserve import native
 from pagedserve.sampling_params import StructuredOutputsParams
+
+log = logging.getLogger(__name__)
+MASK_SOURCE = Path(__file__).with_name("csrc") / "grammar_mask.c"
 
 # Compiled grammars kept, least recently used dropped first. Agents send a new schema or tool set with
 # nearly every request, so the cache is bounded by bytes (xgrammar's own cache is off: it never forgets).
@@ -173,3 +181,30 @@ def unpack_bitmask(bitmask: torch.Tensor, vocab_size: int) -> torch.Tensor:
     shifts = torch.arange(width, dtype=words.dtype, device=bitmask.device)
     bits = (words.unsqueeze(-1) >> shifts) & 1  # [G, W', width]; & 1 keeps one bit even where >> is arithmetic
     return bits.view(bitmask.shape[0], -1)[:, :vocab_size].bool()
+
+
+@functools.cache
+def _mask_library() -> ctypes.CDLL | None:
+    lib = native.try_load(MASK_SOURCE, log, "the C grammar mask is unavailable, torch ops mask instead")
+    if lib is not None:
+        P, I64 = ctypes.c_void_p, ctypes.c_int64
+        lib.grammar_mask.argtypes = [P, I64, P, P, I64, I64, I64, ctypes.c_int]
+        lib.grammar_mask.restype = None
+    return lib
+
+
+def mask_logits_(logits: torch.Tensor, rows: torch.Tensor, bitmask: torch.Tensor) -> None:
+    """logits[rows[i], t] = -inf for every token t that bitmask row i does not allow, in place.
+    logits: [S, V]; rows: [G] int64; bitmask: [G, ceil(V / 32)] int32."""
+    V = logits.shape[1]
+    if (logits.device.type == "cpu" and logits.dtype == torch.float32 and logits.stride(1) == 1
+            and bitmask.device.type == "cpu" and _mask_library() is not None):
+        rows, bitmask = rows.contiguous(), bitmask.contiguous()
+        _mask_library().grammar_mask(logits.data_ptr(), logits.stride(0), rows.data_ptr(), bitmask.data_ptr(),
+                                     rows.numel(), bitmask.shape[1], V, native.thread_count())
+        return
+    allowed = unpack_bitmask(bitmask.to(logits.device), V)  # [G, V]
+    if rows.numel() == logits.shape[0]:  # the sampler's row subsets are increasing: all rows, in order
+        logits.masked_fill_(~allowed, float("-inf"))
+    else:
+        logits[rows] = logits[rows].masked_fill_(~allowed, float("-inf"))

@@ -264,3 +264,24 @@ def test_grammars_too_long_or_too_costly_are_refused(tiny_model_dir, monkeypatch
     with pytest.raises(GrammarError, match="too costly"):
         engine.add_request("costly", PROMPT, SamplingParams(structured_outputs=so(regex="[a-z]+")))
     assert not engine.has_unfinished_requests()
+
+
+@pytest.mark.parametrize("vocab, rows", [(49152, [0, 1, 2, 3]), (100, [1, 3]), (33, [2])])
+def test_the_c_mask_equals_the_torch_mask(vocab, rows, monkeypatch):
+    from pagedserve import structured_output
+    if structured_output._mask_library() is None:
+        pytest.skip("no C compiler here")
+    gen = torch.Generator().manual_seed(vocab)
+    words = -(-vocab // 32)
+    bitmask = torch.randint(-2**31, 2**31 - 1, (len(rows), words), dtype=torch.int32, generator=gen)
+    if len(rows) > 1:
+        bitmask[0, 0] = -1  # a word of all-allowed tokens, skipped whole
+    logits = torch.randn(4, vocab, generator=gen)
+    fast, slow = logits.clone(), logits.clone()
+    index = torch.tensor(rows)
+    structured_output.mask_logits_(fast, index, bitmask)
+    monkeypatch.setattr(structured_output, "_mask_library", lambda: None)
+    structured_output.mask_logits_(slow, index, bitmask)
+    assert torch.equal(fast, slow)
+    assert bool(torch.isinf(fast[rows]).any()) and torch.equal(fast[[r for r in range(4) if r not in rows]],
+                                                                    logits[[r for r in range(4) if r not in rows]])
