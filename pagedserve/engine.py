@@ -26,7 +26,8 @@ from pagedserve.outputs import CompletionOutput, Logprob, RequestOutput, Schedul
 from pagedserve.request import Request, RequestStatus
 from pagedserve.runner import ModelRunner, kv_bytes_per_block
 from pagedserve.sampler import SamplingBatch, TokenLogprobs, min_tokens_banned_ids, sample
-from pagedserve.sampling_params import SamplingParams
+from pagedserve.beam_search import BeamHypothesis, BeamSearchState
+from pagedserve.sampling_params import BeamSearchParams, SamplingParams
 from pagedserve.scheduler import Scheduler, SchedulerConfig
 from pagedserve.structured_output import GrammarState, StructuredOutputManager, allowed_token_bitmask, ban_tokens
 from pagedserve.tokenizer import OutputText, encode_prompt
@@ -64,6 +65,17 @@ class _Sample:
 
 
 @dataclass(eq=False)
+class _Beams:
+    """A beam search's state: the rules (beam_search.py), each live beam's cumulative log-probability
+    (aligned with the group's samples), and the next-token log-probs of the beams that have them this step."""
+    search: BeamSearchState
+    cum_logprobs: list[torch.Tensor]
+    pending: dict[str, torch.Tensor] = field(default_factory=dict)  # request id -> [V] float32
+    num_made: int = 1  # beams created so far (for their ids)
+    result: list[BeamHypothesis] | None = None
+
+
+@dataclass(eq=False)
 class _Group:
     request_id: str
     prompt: str | None
@@ -77,9 +89,12 @@ class _Group:
     # Prompt logprobs (when asked), one per prompt position computed so far; sent once the prompt is done.
     prompt_logprobs: list[dict[int, Logprob] | None] = field(default_factory=lambda: [None])
     prompt_logprobs_sent: bool = False
+    beams: _Beams | None = None  # a beam search; its samples are the live beams
 
     @property
     def finished(self) -> bool:
+        if self.beams is not None:
+            return self.beams.result is not None
         return all(s.finish_reason is not None for s in self.samples)
 
 
@@ -141,6 +156,8 @@ class LLMEngine:
         if request_id in self.groups:
             raise ValueError(f"request id {request_id!r} is already in use")
         text, token_ids = self._prompt_tokens(prompt)
+        if isinstance(params, BeamSearchParams):
+            return self._add_beam_search(request_id, text, token_ids, params, cache_salt, arrival_time)
         if params.max_tokens is None:  # up to the context window
             params = dataclasses.replace(params, max_tokens=max(1, self.max_model_len - len(token_ids)))
         vocab = self.model_config.vocab_size
@@ -169,6 +186,26 @@ class LLMEngine:
         self.groups[request_id] = group
         for s in samples:
             self._seq_owner[s.seq.request_id] = (group, s)
+        self.num_prompt_tokens += len(token_ids)
+        return request_id
+
+    def _add_beam_search(self, request_id: str, text: str | None, token_ids: list[int], params: BeamSearchParams,
+                         cache_salt: str | None, arrival_time: float | None) -> str:
+        """A beam search starts as one sequence (the prompt); beams fork from it (beam_search.py's rules)."""
+        vocab = self.model_config.vocab_size
+        if any(not 0 <= t < vocab for t in token_ids):
+            raise ValueError(f"prompt token ids must be in [0, {vocab})")
+        # n = beam_width sizes the pool check; EOS is the beam rules' to handle, not the stop check's.
+        sp = SamplingParams(n=params.beam_width, temperature=0.0, max_tokens=params.max_tokens, ignore_eos=True)
+        seq = Request(_sample_id(request_id, 0), token_ids, sp, cache_salt=cache_salt)
+        sample = _Sample(seq, OutputText(self.tokenizer, sp, token_ids), None)
+        self.scheduler.add_request(seq)
+        eos = () if params.ignore_eos else sorted(self.eos_token_ids)
+        search = BeamSearchState(params.beam_width, params.max_tokens, params.length_penalty, params.early_stopping, eos)
+        group = _Group(request_id, text, token_ids, sp, [sample], forked=True,
+                       arrival_time=arrival_time or time.monotonic(), beams=_Beams(search, [torch.zeros(())]))
+        self.groups[request_id] = group
+        self._seq_owner[seq.request_id] = (group, sample)
         self.num_prompt_tokens += len(token_ids)
         return request_id
 
@@ -233,8 +270,12 @@ class LLMEngine:
         rows: list[tuple[_Group, _Sample]] = []
         row_index: list[int] = []
         prompt_only: list[_Group] = []  # max_tokens=0: the prompt is computed, nothing is sampled
+        beam_logprobs: list[tuple[_Group, str, torch.Tensor]] = []
         for j, seq in enumerate(s for s in sched.sequences if s.sample):
             group, first = self._seq_owner[seq.request_id]
+            if group.beams is not None:  # raw float32 log-probs, for the beam rules; not sampled
+                beam_logprobs.append((group, seq.request_id, torch.log_softmax(logits[j].float(), dim=-1)))
+                continue
             if group.params.max_tokens == 0:
                 prompt_only.append(group)
                 continue
@@ -259,6 +300,11 @@ class LLMEngine:
                 s.finish_reason = "length"
                 self.scheduler.finish(s.seq, RequestStatus.FINISHED_LENGTH)
             moved[group.request_id] = group
+        for group, rid, lp in beam_logprobs:
+            group.beams.pending[rid] = lp
+        for group in dict.fromkeys(g for g, _, _ in beam_logprobs):
+            if self._step_beams(group):
+                moved[group.request_id] = group
         if result is None:
             return [self._make_output(g) for g in moved.values()]
         for group, s in rows:
@@ -284,6 +330,55 @@ class LLMEngine:
             group.last_token_time = now
             moved[group.request_id] = group
         return [self._make_output(g) for g in moved.values()]
+
+    def _step_beams(self, group: _Group) -> bool:
+        """Once every live beam has its next-token log-probs: the beam rules pick the next beams (a parent's
+        first continuation keeps its sequence, the others fork its blocks; a parent with none is freed) or end
+        the search. Until then, the beams that have theirs wait (held). Returns whether the search ended."""
+        b, live = group.beams, group.samples
+        if any(s.seq.request_id not in b.pending for s in live):
+            for s in live:
+                s.seq.held = s.seq.request_id in b.pending
+            return False
+        step = b.search.step(torch.stack([b.pending[s.seq.request_id] for s in live]), torch.stack(b.cum_logprobs),
+                             [s.seq.output_token_ids for s in live])
+        b.pending.clear()
+        if step.finished:
+            for s in live:
+                self.scheduler.finish(s.seq, RequestStatus.FINISHED_STOPPED)
+            b.result = b.search.hypotheses
+            return True
+        kept: dict[int, _Sample] = {}
+        beams = []
+        for c in step.continuations:  # forks first: a fork copies its parent's tokens before the parent appends
+            parent = live[c.parent]
+            beams.append(self._fork_beam(group, parent) if c.parent in kept else kept.setdefault(c.parent, parent))
+        for beam, c in zip(beams, step.continuations):
+            beam.seq.append_output_token(c.token_id)
+            beam.seq.held = False
+        for i, s in enumerate(live):
+            if i not in kept:  # pruned: its blocks go back at once
+                self.scheduler.finish(s.seq, RequestStatus.FINISHED_ABORTED)
+                self._seq_owner.pop(s.seq.request_id, None)
+        group.samples, b.cum_logprobs = beams, [c.cum_logprob for c in step.continuations]
+        self.num_generation_tokens += len(beams)
+        return False
+
+    def _fork_beam(self, group: _Group, parent: _Sample) -> _Sample:
+        """A new beam sharing its parent's blocks (copy-on-write where they diverge); a parent preempted meanwhile
+        has no blocks, so its copy waits to be computed again, like it."""
+        b = group.beams
+        seq = Request(_sample_id(group.request_id, b.num_made), group.prompt_token_ids, group.params,
+                      cache_salt=parent.seq.cache_salt, sample_index=b.num_made, parent_id=group.request_id)
+        b.num_made += 1
+        if parent.seq.status == RequestStatus.RUNNING:
+            self.scheduler.add_forked(parent.seq, seq)
+        else:
+            seq.all_token_ids = list(parent.seq.all_token_ids)
+            self.scheduler.add_request(seq)
+        child = _Sample(seq, parent.out, None)
+        self._seq_owner[seq.request_id] = (group, child)
+        return child
 
     def _add_prompt_logprobs(self, group: _Group, position: int, entries: list[TokenLogprobs]) -> None:
         """Keep the logprobs of prompt tokens position, position + 1, ...; a chunk computed again after a
@@ -337,6 +432,8 @@ class LLMEngine:
             self.scheduler.finish(seq, RequestStatus.FINISHED_STOPPED if reason == "stop" else RequestStatus.FINISHED_LENGTH)
 
     def _make_output(self, g: _Group) -> RequestOutput:
+        if g.beams is not None:
+            return self._beam_output(g)
         outs = []
         for i, s in enumerate(g.samples):
             tokens = s.seq.output_token_ids
@@ -363,6 +460,23 @@ class LLMEngine:
             metrics={"arrival_time": g.arrival_time, "first_token_time": g.first_token_time,
                      "last_token_time": g.last_token_time},
             prompt_logprobs=prompt_logprobs)
+
+    def _beam_output(self, g: _Group) -> RequestOutput:
+        """A beam search answers once, at its end: its hypotheses, best first."""
+        self.groups.pop(g.request_id, None)
+        for s in g.samples:
+            self._seq_owner.pop(s.seq.request_id, None)
+        outs = []
+        for i, h in enumerate(g.beams.result):
+            ended = bool(h.output_token_ids) and h.output_token_ids[-1] in g.beams.search.eos_token_ids
+            text_ids = h.output_token_ids[:-1] if ended else h.output_token_ids
+            outs.append(CompletionOutput(index=i, text=self.tokenizer.decode(text_ids, skip_special_tokens=True),
+                                         token_ids=list(h.output_token_ids), cumulative_logprob=h.cum_logprob,
+                                         finish_reason="stop" if ended else "length"))
+        return RequestOutput(request_id=g.request_id, prompt=g.prompt, prompt_token_ids=g.prompt_token_ids,
+                             outputs=outs, finished=True, num_cached_tokens=max(g.samples[0].seq.num_cached_tokens, 0),
+                             metrics={"arrival_time": g.arrival_time, "first_token_time": None,
+                                      "last_token_time": time.monotonic()})
 
     # ---- introspection ----------------------------------------------------------------------
     def live_requests(self) -> list[Request]:

@@ -8,8 +8,8 @@ from tqdm import tqdm
 
 from pagedserve.config import EngineConfig
 from pagedserve.engine import LLMEngine
-from pagedserve.outputs import CompletionOutput, RequestOutput
-from pagedserve.sampling_params import SamplingParams
+from pagedserve.outputs import BeamSearchOutput, BeamSearchSequence, CompletionOutput, RequestOutput
+from pagedserve.sampling_params import BeamSearchParams, SamplingParams
 from pagedserve.tokenizer import apply_chat_template
 
 
@@ -47,7 +47,7 @@ class LLM:
     def stats(self) -> dict:
         return self.llm_engine.stats()
 
-    def generate(self, prompts, sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+    def generate(self, prompts, sampling_params: SamplingParams | BeamSearchParams | Sequence | None = None,
                  use_tqdm: bool = True, cache_salt: str | None = None) -> list[RequestOutput]:
         """prompts: str | list[str] | list[{"prompt_token_ids": [...]}]; one SamplingParams or one per prompt."""
         if isinstance(prompts, (str, dict)):
@@ -81,6 +81,19 @@ class LLM:
         finally:
             bar.close()
         return [results[i] for i in ids]
+
+    def beam_search(self, prompts, params: BeamSearchParams, use_tqdm: bool = False) -> list[BeamSearchOutput]:
+        """One beam search per prompt (str, token ids, or {"prompt_token_ids": [...]}), run inside the engine
+        and batched with each other: beams share their prefix's KV blocks. Results in input order."""
+        if isinstance(prompts, (str, dict)) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        results = []
+        for out in self.generate(list(prompts), [params] * len(prompts), use_tqdm=use_tqdm):
+            results.append(BeamSearchOutput([
+                BeamSearchSequence(out.prompt_token_ids + c.token_ids, c.text, c.cumulative_logprob,
+                                   c.cumulative_logprob / max(len(c.token_ids), 1) ** params.length_penalty,
+                                   c.finish_reason) for c in out.outputs]))
+        return results
 
     def chat(self, messages, sampling_params: SamplingParams | None = None, use_tqdm: bool = True,
              add_generation_prompt: bool = True) -> list[RequestOutput]:

@@ -71,3 +71,19 @@ class RequestOutput:
     # One entry per prompt token (None for the first, which nothing predicts), for requests that asked
     # (SamplingParams.prompt_logprobs); sent once, in the first output after the prompt is computed.
     prompt_logprobs: list[dict[int, Logprob] | None] | None = None
+
+
+@dataclass
+class BeamSearchSequence:
+    """One hypothesis of a beam search (vLLM's name): prompt and output tokens, the output's text, the sum of
+    its tokens' log-probabilities, and the score it was ranked by (cum_logprob / len(output) ** length_penalty)."""
+    tokens: list[int]
+    text: str
+    cum_logprob: float
+    score: float
+    finish_reason: str  # "stop" (ended by EOS) | "length"
+
+
+@dataclass
+class BeamSearchOutput:
+    sequences: list[BeamSearchSequence]  # best first

@@ -41,6 +41,8 @@ class Request:
     # Index of this sample among the n of its parent request (parallel sampling).
     sample_index: int = 0
     parent_id: str | None = None
+    # A beam whose next-token logits are in, waiting for its siblings' (beams step together): not scheduled.
+    held: bool = False
 
     def __post_init__(self) -> None:
         self.all_token_ids = list(self.prompt_token_ids)

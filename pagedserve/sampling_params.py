@@ -132,3 +132,24 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature < 1e-5
+
+
+@dataclass
+class BeamSearchParams:
+    """Beam search (vLLM's names; early_stopping as transformers': True, False or "never"). Greedy over beams:
+    the result equals transformers' generate(num_beams=beam_width, do_sample=False) (beam_search.py)."""
+    beam_width: int
+    max_tokens: int
+    length_penalty: float = 1.0
+    ignore_eos: bool = False
+    early_stopping: bool | str = False
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.beam_width, int) and 1 <= self.beam_width <= 64):
+            raise ValueError(f"beam_width must be an integer in [1, 64], got {self.beam_width!r}")
+        if not (isinstance(self.max_tokens, int) and self.max_tokens >= 1):
+            raise ValueError(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
+        if not (isinstance(self.length_penalty, (int, float)) and math.isfinite(self.length_penalty)):
+            raise ValueError(f"length_penalty must be a finite number, got {self.length_penalty!r}")
+        if self.early_stopping not in (True, False, "never"):
+            raise ValueError(f"early_stopping must be true, false or 'never', got {self.early_stopping!r}")

@@ -93,6 +93,9 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
+            if req.held:  # nothing to compute until its beam siblings catch up
+                i += 1
+                continue
             n = min(req.num_tokens - req.num_computed_tokens, budget)
             while self.kv_cache.allocate_slots(req, n) is None:
                 victim = self.running.pop()  # the most recently admitted: not scheduled yet this step

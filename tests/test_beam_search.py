@@ -79,3 +79,81 @@ def test_beam_search_equals_transformers(model):
                         ended_by_eos += h.output_token_ids[-1] == eos
     assert ended_by_eos > 50
     assert len(stops) > 1, stops  # searches ended at different lengths: early stops happened
+
+
+# ---- in the engine ------------------------------------------------------------------------------------
+def hf_beams(ref, prompt, k, lp, early, max_new):
+    with torch.no_grad():
+        out = ref.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                           num_beams=k, do_sample=False, early_stopping=early, length_penalty=lp,
+                           max_new_tokens=max_new, num_return_sequences=k, output_scores=True,
+                           return_dict_in_generate=True)
+    eos = ref.generation_config.eos_token_id
+    result = []
+    for seq, score in zip(out.sequences.tolist(), out.sequences_scores.tolist()):
+        gen = seq[len(prompt):]
+        result.append((gen[:gen.index(eos) + 1] if eos in gen else gen, score))
+    return result
+
+
+@pytest.fixture(scope="module")
+def tiny_llm(tiny_model_dir):
+    from pagedserve import LLM
+    return LLM(tiny_model_dir, dtype="float32", num_kv_blocks=256)
+
+
+@pytest.fixture(scope="module")
+def tiny_ref(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+    return AutoModelForCausalLM.from_pretrained(tiny_model_dir, torch_dtype=torch.float32).eval()
+
+
+def test_engine_beam_search_equals_transformers(tiny_llm, tiny_ref):
+    from pagedserve.sampling_params import BeamSearchParams
+    prompts = [[(7 * i + 3 * n) % 300 + 10 for i in range(n)] for n in (6, 21)]
+    for prompt in prompts:
+        for k in range(2, 7):
+            for early, lp in ((False, 1.0), (True, 0.0), ("never", 2.0)):
+                params = BeamSearchParams(beam_width=k, max_tokens=10, length_penalty=lp, early_stopping=early)
+                ours = tiny_llm.beam_search([{"prompt_token_ids": prompt}], params)[0].sequences
+                ref = hf_beams(tiny_ref, prompt, k, lp, early, 10)
+                assert [s.tokens[len(prompt):] for s in ours] == [g for g, _ in ref], (k, early, lp)
+                for s, (_, score) in zip(ours, ref):
+                    assert abs(s.score - score) < 1e-4
+    assert tiny_llm.stats()["kv_blocks_used"] == 0
+
+
+def test_beams_share_blocks_and_survive_preemption(tiny_model_dir, tiny_llm):
+    from pagedserve.engine import LLMEngine
+    from pagedserve.sampling_params import BeamSearchParams
+    params = BeamSearchParams(beam_width=4, max_tokens=24, early_stopping=True)
+    prompts = [[(11 * i + n) % 300 + 10 for i in range(40)] for n in range(6)]
+    alone = [tiny_llm.beam_search([{"prompt_token_ids": p}], params)[0].sequences for p in prompts]
+    # 6 searches of 4 beams over 64 tokens in a pool of 40 blocks of 16: preemption is certain.
+    engine = LLMEngine(model=tiny_model_dir, dtype="float32", num_kv_blocks=40, max_num_batched_tokens=64)
+    for i, p in enumerate(prompts):
+        engine.add_request(str(i), {"prompt_token_ids": p}, params)
+    results = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            results[out.request_id] = [p + c.token_ids for c, p in zip(out.outputs, [prompts[int(out.request_id)]] * 4)]
+        engine.check_invariants()
+    assert engine.stats()["num_preemptions"] > 0
+    assert [results[str(i)] for i in range(6)] == [[s.tokens for s in a] for a in alone]
+    assert engine.stats()["kv_blocks_used"] == 0
+
+
+def test_beams_share_their_prefix_blocks(tiny_model_dir):
+    """4 beams of a 40-token prompt (2.5 blocks) and 24 new tokens: sharing keeps the prompt's blocks once."""
+    from pagedserve.engine import LLMEngine
+    from pagedserve.sampling_params import BeamSearchParams
+    engine = LLMEngine(model=tiny_model_dir, dtype="float32", num_kv_blocks=64, enable_prefix_caching=False)
+    engine.add_request("b", {"prompt_token_ids": [(5 * i) % 300 + 10 for i in range(40)]},
+                       BeamSearchParams(beam_width=4, max_tokens=24, early_stopping="never"))
+    peak = 0
+    while engine.has_unfinished_requests():
+        engine.step()
+        engine.check_invariants()
+        peak = max(peak, engine.stats()["kv_blocks_used"])
+    unshared = 4 * -(-(40 + 24) // 16)  # each beam with its own copy of every block: 16
+    assert peak <= unshared - 3 * 2  # at least the prompt's 2 full blocks are held once, not 4 times
