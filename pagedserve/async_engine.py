@@ -22,7 +22,7 @@ from typing import AsyncIterator, Callable
 
 from pagedserve.engine import StepError
 from pagedserve.outputs import RequestOutput
-from pagedserve.sampling_params import SamplingParams, StructuredOutputsParams
+from pagedserve.sampling_params import BeamSearchParams, SamplingParams, StructuredOutputsParams
 
 logger = logging.getLogger(__name__)
 
@@ -155,7 +155,7 @@ class AsyncEngine:
         return self._stats
 
     # ---- requests -----------------------------------------------------------------------------
-    async def add_request(self, prompt, params: SamplingParams, request_id: str,
+    async def add_request(self, prompt, params: SamplingParams | BeamSearchParams, request_id: str,
                           cache_salt: str | None = None) -> RequestStream:
         """Queue a request and wait until the engine accepted it.
 
@@ -166,7 +166,8 @@ class AsyncEngine:
             raise EngineDeadError("the engine is not running")
         loop = asyncio.get_running_loop()
         grammar = None
-        if params.structured_outputs is not None:  # compiled here, so the engine thread need not
+        # A grammar is compiled here, so the engine thread need not.
+        if isinstance(params, SamplingParams) and params.structured_outputs is not None:
             grammar = await self.compile_grammar(params.structured_outputs)
         cmd = _Add(request_id, prompt, params, cache_salt, grammar, loop, loop.create_future(), asyncio.Queue())
         self._submit(cmd)

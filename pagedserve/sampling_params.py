@@ -153,3 +153,8 @@ class BeamSearchParams:
             raise ValueError(f"length_penalty must be a finite number, got {self.length_penalty!r}")
         if self.early_stopping not in (True, False, "never"):
             raise ValueError(f"early_stopping must be true, false or 'never', got {self.early_stopping!r}")
+
+    @property
+    def n(self) -> int:
+        """The number of sequences returned: every beam's best hypothesis, best first."""
+        return self.beam_width

@@ -157,3 +157,28 @@ def test_beams_share_their_prefix_blocks(tiny_model_dir):
         peak = max(peak, engine.stats()["kv_blocks_used"])
     unshared = 4 * -(-(40 + 24) // 16)  # each beam with its own copy of every block: 16
     assert peak <= unshared - 3 * 2  # at least the prompt's 2 full blocks are held once, not 4 times
+
+
+@pytest.mark.slow
+def test_default_model_beam_search_equals_transformers():
+    """The issue's check: the default model, float32, widths 2-6, against transformers' own load of the GGUF."""
+    import os
+
+    from transformers import AutoModelForCausalLM
+
+    from pagedserve import LLM
+    from pagedserve.model.loader import default_model_path
+    from pagedserve.sampling_params import BeamSearchParams
+    path = default_model_path()
+    ref = AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
+                                               dtype=torch.float32).eval()
+    llm = LLM(dtype="float32", max_model_len=512)
+    tok = llm.get_tokenizer()
+    prompt = tok.apply_chat_template([{"role": "user", "content": "Name three primary colours."}],
+                                     add_generation_prompt=True)["input_ids"]
+    for k in range(2, 7):
+        ours = llm.beam_search([{"prompt_token_ids": prompt}], BeamSearchParams(beam_width=k, max_tokens=16))[0]
+        want = hf_beams(ref, prompt, k, 1.0, False, 16)
+        assert [s.tokens[len(prompt):] for s in ours.sequences] == [g for g, _ in want], k
+        for s, (_, score) in zip(ours.sequences, want):
+            assert abs(s.score - score) < 1e-3, k

@@ -293,3 +293,31 @@ def test_completions_refusals(tiny):
                                                    "response_format": {"type": "json_schema", "json_schema": {
                                                        "name": "b", "schema": {"enum": [True, False]}}}}).json()
     assert json.loads(r["choices"][0]["text"]) in (True, False)
+
+
+def test_beam_search_through_the_server(tiny, model_dir_tiny):
+    """use_beam_search with n beams: the n best hypotheses, best first, as LLM.beam_search gives them."""
+    from pagedserve import LLM
+    from pagedserve.sampling_params import BeamSearchParams
+    ids = [(3 * i) % 290 + 10 for i in range(12)]
+    want = LLM(model_dir_tiny, dtype="float32", num_kv_blocks=64).beam_search(
+        [{"prompt_token_ids": ids}], BeamSearchParams(beam_width=3, max_tokens=6, early_stopping=True))[0]
+    body = {"prompt": ids, "n": 3, "max_tokens": 6, "use_beam_search": True, "early_stopping": True}
+    for stream in (False, True):
+        r = httpx.post(f"{tiny}/v1/completions", json={**body, "stream": stream}, timeout=60)
+        assert r.status_code == 200, r.text
+        if stream:
+            texts = {}
+            for line in r.text.splitlines():
+                if line.startswith("data: {"):
+                    for c in json.loads(line[6:])["choices"]:
+                        texts[c["index"]] = texts.get(c["index"], "") + c["text"]
+            got = [texts[i] for i in sorted(texts)]
+        else:
+            got = [c["text"] for c in r.json()["choices"]]
+        assert got == [s.text for s in want.sequences]
+    r = httpx.post(f"{tiny}/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}], "n": 2,
+                                                        "max_tokens": 4, "use_beam_search": True}, timeout=60).json()
+    assert len(r["choices"]) == 2
+    assert_error(httpx.post(f"{tiny}/v1/completions", json={**body, "logprobs": 1}), 400, "use_beam_search")
+    assert wait_idle(tiny)["pagedserve:kv_cache_usage_perc"] == 0

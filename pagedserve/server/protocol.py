@@ -11,7 +11,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from pagedserve.sampling_params import SamplingParams, StructuredOutputsParams
+from pagedserve.sampling_params import BeamSearchParams, SamplingParams, StructuredOutputsParams
 
 MAX_N = 64  # most samples per prompt
 MAX_ECHO_CHARS = 256  # most characters of a client's value repeated in an error message
@@ -123,6 +123,10 @@ class _SamplingFields(_Body):
     response_format: dict[str, Any] | None = None
     structured_outputs: dict[str, Any] | None = None
     prompt_logprobs: int | None = None
+    # beam search (vLLM's extras; early_stopping as transformers'): n beams, the n best hypotheses returned
+    use_beam_search: bool = False
+    length_penalty: float = 1.0
+    early_stopping: bool | Literal["never"] = False
     # vLLM's earlier names for structured_outputs' json, regex, choice and grammar
     guided_json: str | dict[str, Any] | None = None
     guided_regex: str | None = None
@@ -152,6 +156,19 @@ class _SamplingFields(_Body):
                 raise bad_request(f"logit_bias keys must be token ids, got {shorten(key, 32)}", "logit_bias")
             ids[int(key)] = bias
         return ids
+
+    def beam_search_params(self, params: SamplingParams, max_tokens: int, logprobs: bool) -> BeamSearchParams:
+        """use_beam_search: n beams over the same prompt; what beams cannot do is refused by name."""
+        for name, used in (("logprobs", logprobs), ("response_format", params.structured_outputs is not None),
+                           ("logit_bias", bool(params.logit_bias)), ("prompt_logprobs", params.prompt_logprobs is not None),
+                           ("stop", bool(params.stop_strings)), ("seed", self.seed is not None)):
+            if used:
+                raise bad_request(f"{name} is not supported with use_beam_search", name)
+        try:
+            return BeamSearchParams(beam_width=self.n, max_tokens=max_tokens, length_penalty=self.length_penalty,
+                                    ignore_eos=self.ignore_eos, early_stopping=self.early_stopping)
+        except ValueError as e:
+            raise bad_request(str(e), "length_penalty" if "length_penalty" in str(e) else None) from None
 
     @property
     def grammar_field(self) -> str:

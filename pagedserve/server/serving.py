@@ -197,6 +197,9 @@ class OpenAIServing:
                 if not p:
                     raise bad_request("the prompt is empty", "prompt")
             prompts.append(list(p))
+        if body.use_beam_search:
+            params = body.beam_search_params(params, body.max_tokens if body.max_tokens is not None else
+                                             self.engine.max_model_len - max(map(len, prompts)), body.logprobs is not None)
         echo = None
         if body.echo:  # a text prompt echoes as sent; token ids as their text
             echo = [p if isinstance(p, str) else await self.text.decode(ids) for p, ids in zip(batch, prompts)]
@@ -225,6 +228,11 @@ class OpenAIServing:
                 params = dataclasses.replace(params, skip_special_tokens=False)
         await self.check_params(params, grammar_field)
         ids = await self._chat_tokens(conversation, body.add_generation_prompt, template_kwargs or None)
+        if body.use_beam_search:
+            if tools is not None:
+                raise bad_request("tools are not supported with use_beam_search", "tools")
+            params = body.beam_search_params(params, params.max_tokens if params.max_tokens is not None else
+                                             self.engine.max_model_len - len(ids), body.logprobs)
         num_logprobs = (body.top_logprobs or 0) if body.logprobs else None
         job = _Job(True, f"chatcmpl-{uuid.uuid4().hex}", model, [ids], params, num_logprobs, body.stream,
                    body.include_usage, self._salt(request, body.cache_salt),
