@@ -48,10 +48,12 @@ class StructuredOutputsParams:
             k for k in ("json", "regex", "choice", "grammar") if getattr(self, k) is not None)
 
     def key(self) -> tuple:
-        """A hashable key naming the grammar (for the compile cache)."""
+        """A hashable key naming the grammar (for the compile cache): (kind, spec, disable_any_whitespace), a
+        schema given as an object as its JSON text. Key order is kept: a schema's property order is the
+        order the output writes them in."""
         spec = getattr(self, self.kind)
         if isinstance(spec, dict):
-            spec = json.dumps(spec, sort_keys=True)
+            spec = json.dumps(spec)
         return self.kind, spec, self.disable_any_whitespace
 
 

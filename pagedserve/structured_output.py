@@ -61,7 +61,7 @@ def _choice_grammar(choices: Sequence[str]) -> str:
 
 
 class StructuredOutputManager:
-    """Compiles grammars for one tokenizer and vocabulary, and makes matchers. Thread-safe."""
+    """Compiles grammars for one tokenizer and vocabulary, and caches them. Thread-safe."""
 
     def __init__(self, tokenizer, vocab_size: int, stop_token_ids: Sequence[int]) -> None:
         self._tokenizer = tokenizer
@@ -96,15 +96,12 @@ class StructuredOutputManager:
                 self._cache.move_to_end(key)
                 return self._cache[key]
         compiler = self._get_compiler()
-        kind, spec = params.kind, getattr(params, params.kind)
+        kind = params.kind
         any_whitespace = not params.disable_any_whitespace
         try:
-            if kind == "json":
-                schema = spec if isinstance(spec, str) else json.dumps(spec)
+            if kind in ("json", "json_object"):
+                schema = spec if kind == "json" else '{"type": "object"}'  # spec: the schema's text (key())
                 compiled = compiler.compile_json_schema(schema, any_whitespace=any_whitespace,
-                                                        max_whitespace_cnt=MAX_WHITESPACE if any_whitespace else None)
-            elif kind == "json_object":
-                compiled = compiler.compile_json_schema('{"type": "object"}', any_whitespace=any_whitespace,
                                                         max_whitespace_cnt=MAX_WHITESPACE if any_whitespace else None)
             elif kind == "regex":
                 compiled = compiler.compile_regex(spec)
@@ -128,7 +125,6 @@ class StructuredOutputManager:
             while self._cache_bytes > CACHE_BYTES and len(self._cache) > 1:
                 self._cache_bytes -= self._cache.popitem(last=False)[1].memory_size_bytes
         return compiled
-
 
 
 class GrammarState:

@@ -285,3 +285,16 @@ def test_the_c_mask_equals_the_torch_mask(vocab, rows, monkeypatch):
     assert torch.equal(fast, slow)
     assert bool(torch.isinf(fast[rows]).any()) and torch.equal(fast[[r for r in range(4) if r not in rows]],
                                                                     logits[[r for r in range(4) if r not in rows]])
+
+
+def test_schemas_that_differ_only_in_property_order_are_not_confused(llm):
+    """A schema's property order is the order the output writes them in: the compile cache must not hand the
+    second schema the first one's grammar."""
+    first = {"type": "object", "properties": {"ok": {"type": "boolean"}, "n": {"enum": [1, 2]}},
+             "required": ["ok", "n"], "additionalProperties": False}
+    second = {**first, "properties": {"n": {"enum": [1, 2]}, "ok": {"type": "boolean"}}}
+    for schema, start in ((first, '{"ok"'), (second, '{"n"')):
+        params = SamplingParams(temperature=0.0, max_tokens=40,
+                                structured_outputs=so(json=schema, disable_any_whitespace=True))
+        text = llm.generate([PROMPT], params, use_tqdm=False)[0].outputs[0].text
+        assert text.startswith(start), text
