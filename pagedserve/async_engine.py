@@ -156,8 +156,9 @@ class AsyncEngine:
 
     # ---- requests -----------------------------------------------------------------------------
     async def add_request(self, prompt, params: SamplingParams | BeamSearchParams, request_id: str,
-                          cache_salt: str | None = None) -> RequestStream:
-        """Queue a request and wait until the engine accepted it.
+                          cache_salt: str | None = None, compiled_grammar=None) -> RequestStream:
+        """Queue a request and wait until the engine accepted it. compiled_grammar: params.structured_outputs
+        as compile_grammar returned it, if the caller has it already.
 
         Raises ValueError (malformed, or can never fit: prompt plus max_tokens over the context
         window), QueueFullError, or EngineDeadError.
@@ -165,9 +166,9 @@ class AsyncEngine:
         if not self.is_running:
             raise EngineDeadError("the engine is not running")
         loop = asyncio.get_running_loop()
-        grammar = None
+        grammar = compiled_grammar
         # A grammar is compiled here, so the engine thread need not.
-        if isinstance(params, SamplingParams) and params.structured_outputs is not None:
+        if grammar is None and isinstance(params, SamplingParams) and params.structured_outputs is not None:
             grammar = await self.compile_grammar(params.structured_outputs)
         cmd = _Add(request_id, prompt, params, cache_salt, grammar, loop, loop.create_future(), asyncio.Queue())
         self._submit(cmd)

@@ -304,37 +304,37 @@ def draw(x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     return tokens.clamp_(max=x.shape[1] - 1)
 
 
+def _token_logprobs(lp: torch.Tensor, tokens: torch.Tensor, top_n: int) -> list[TokenLogprobs]:
+    """lp: [n, V] log-probs; tokens: [n] int64 -> each token's log-prob and rank (1 = likeliest), and its row's
+    top_n. A grammar or a ban can leave fewer than top_n possible tokens: the impossible ones (-inf) are not
+    listed (and -inf is not JSON)."""
+    chosen = lp.gather(1, tokens.unsqueeze(1))  # [n, 1]
+    ranks = ((lp > chosen).sum(-1) + 1).tolist()
+    top = lp.topk(top_n, dim=-1) if top_n > 0 else None
+    top_i = top.indices.tolist() if top is not None else [[]] * len(ranks)
+    top_v = top.values.tolist() if top is not None else [[]] * len(ranks)
+    out = []
+    for t, c, r, ti, tv in zip(tokens.tolist(), chosen.squeeze(1).tolist(), ranks, top_i, top_v):
+        kept = [(i, v) for i, v in zip(ti, tv) if v != float("-inf")]
+        out.append(TokenLogprobs(t, c, r, [i for i, _ in kept], [v for _, v in kept]))
+    return out
+
+
 def _logprobs(lp: torch.Tensor, tokens: torch.Tensor, batch: SamplingBatch) -> list[TokenLogprobs | None]:
     """lp: [L, V] log-probs of the rows that asked; tokens: [L] their sampled tokens."""
-    chosen = lp.gather(1, tokens.unsqueeze(1))  # [L, 1]
-    ranks = (lp > chosen).sum(-1) + 1
-    top = lp.topk(batch.max_logprobs, dim=-1) if batch.max_logprobs > 0 else None
-    rows = batch.logprob_rows.tolist()
-    chosen_l, ranks_l, tokens_l = chosen.squeeze(1).tolist(), ranks.tolist(), tokens.tolist()
-    top_v = top.values.tolist() if top is not None else [[]] * len(rows)
-    top_i = top.indices.tolist() if top is not None else [[]] * len(rows)
     out: list[TokenLogprobs | None] = [None] * batch.num_rows
-    for j, i in enumerate(rows):
-        n = batch.num_logprobs[i]
-        # A grammar or a ban can leave fewer than n possible tokens: the impossible ones (-inf) are not
-        # listed (and -inf is not JSON).
-        top = [(t, v) for t, v in zip(top_i[j][:n], top_v[j][:n]) if v != float("-inf")]
-        out[i] = TokenLogprobs(tokens_l[j], chosen_l[j], ranks_l[j], [t for t, _ in top], [v for _, v in top])
+    for i, entry in zip(batch.logprob_rows.tolist(), _token_logprobs(lp, tokens, batch.max_logprobs)):
+        n = batch.num_logprobs[i]  # the row's own top-N, of the batch's largest
+        entry.top_token_ids, entry.top_logprobs = entry.top_token_ids[:n], entry.top_logprobs[:n]
+        out[i] = entry
     return out
 
 
 def logprobs_of(logits: torch.Tensor, token_ids: Sequence[int], top_n: int) -> list[TokenLogprobs]:
     """Raw log-probabilities (no penalty, bias or grammar) of token_ids[i] under logits[i], with its rank and
     the row's top_n: what prompt_logprobs reports. logits: [n, V] float32."""
-    lp = torch.log_softmax(logits, dim=-1)
     tokens = torch.tensor(list(token_ids), dtype=torch.int64, device=logits.device)
-    chosen = lp.gather(1, tokens.unsqueeze(1))  # [n, 1]
-    ranks = ((lp > chosen).sum(-1) + 1).tolist()
-    top = lp.topk(top_n, dim=-1) if top_n > 0 else None
-    top_i = top.indices.tolist() if top is not None else [[]] * len(ranks)
-    top_v = top.values.tolist() if top is not None else [[]] * len(ranks)
-    return [TokenLogprobs(t, c, r, ti, tv)
-            for t, c, r, ti, tv in zip(tokens.tolist(), chosen.squeeze(1).tolist(), ranks, top_i, top_v)]
+    return _token_logprobs(torch.log_softmax(logits, dim=-1), tokens, top_n)
 
 
 def sample(logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:

@@ -165,23 +165,15 @@ def test_langchain_with_structured_output(default_server, method):
 
 # ---- the tiny model: exact prompt logprobs, lm-eval's requests, refusals -------------------------------
 @pytest.fixture(scope="module")
-def tiny(model_dir_tiny):
-    with running_server(model_dir_tiny) as (base, engine):
+def tiny(tiny_model_dir):
+    with running_server(tiny_model_dir) as (base, engine):
         yield base
 
 
-@pytest.fixture(scope="module")
-def model_dir_tiny(tmp_path_factory) -> str:
-    from conftest import build_tiny_hf_model
-    folder = str(tmp_path_factory.mktemp("tiny_clients"))
-    build_tiny_hf_model(folder, "llama")
-    return folder
-
-
-def test_echo_logprobs_equal_transformers(tiny, model_dir_tiny):
+def test_echo_logprobs_equal_transformers(tiny, tiny_model_dir):
     from transformers import AutoModelForCausalLM
     ids = [(13 * i + 7) % 300 + 10 for i in range(40)]
-    ref = AutoModelForCausalLM.from_pretrained(model_dir_tiny, torch_dtype=torch.float32).eval()
+    ref = AutoModelForCausalLM.from_pretrained(tiny_model_dir, torch_dtype=torch.float32).eval()
     with torch.no_grad():
         lp = torch.log_softmax(ref(torch.tensor([ids])).logits[0].float(), dim=-1)
     want = lp[:-1].gather(1, torch.tensor(ids[1:]).unsqueeze(1)).squeeze(1)
@@ -295,12 +287,12 @@ def test_completions_refusals(tiny):
     assert json.loads(r["choices"][0]["text"]) in (True, False)
 
 
-def test_beam_search_through_the_server(tiny, model_dir_tiny):
+def test_beam_search_through_the_server(tiny, tiny_model_dir):
     """use_beam_search with n beams: the n best hypotheses, best first, as LLM.beam_search gives them."""
     from pagedserve import LLM
     from pagedserve.sampling_params import BeamSearchParams
     ids = [(3 * i) % 290 + 10 for i in range(12)]
-    want = LLM(model_dir_tiny, dtype="float32", num_kv_blocks=64).beam_search(
+    want = LLM(tiny_model_dir, dtype="float32", num_kv_blocks=64).beam_search(
         [{"prompt_token_ids": ids}], BeamSearchParams(beam_width=3, max_tokens=6, early_stopping=True))[0]
     body = {"prompt": ids, "n": 3, "max_tokens": 6, "use_beam_search": True, "early_stopping": True}
     for stream in (False, True):

@@ -18,6 +18,7 @@ MAX_ECHO_CHARS = 256  # most characters of a client's value repeated in an error
 MAX_LOGIT_BIAS = 300  # most logit_bias entries (OpenAI's limit)
 # vLLM's structured_outputs keys we honour; others (structural_tag, whitespace_pattern, ...) are refused.
 STRUCTURED_OUTPUTS_KEYS = ("json", "regex", "choice", "grammar", "json_object", "disable_any_whitespace")
+GUIDED_KINDS = ("json", "regex", "choice", "grammar")  # vLLM's earlier guided_<kind> fields
 ROLES = ("system", "developer", "user", "assistant", "tool")  # OpenAI's chat roles
 
 
@@ -175,14 +176,13 @@ class _SamplingFields(_Body):
         """The request field a grammar came from, for its errors."""
         if self.structured_outputs is not None:
             return "structured_outputs"
-        return next((f"guided_{k}" for k in ("json", "regex", "choice", "grammar")
-                     if getattr(self, f"guided_{k}") is not None), "response_format")
+        return next((f"guided_{k}" for k in GUIDED_KINDS if getattr(self, f"guided_{k}") is not None),
+                    "response_format")
 
     def grammar(self) -> StructuredOutputsParams | None:
         """The grammar of response_format (OpenAI) or structured_outputs (vLLM's extra), if any."""
         rf, extra = self.response_format, self.structured_outputs
-        guided = {k: getattr(self, f"guided_{k}") for k in ("json", "regex", "choice", "grammar")
-                  if getattr(self, f"guided_{k}") is not None}
+        guided = {k: getattr(self, f"guided_{k}") for k in GUIDED_KINDS if getattr(self, f"guided_{k}") is not None}
         if guided:
             if extra is not None:
                 raise bad_request("send either structured_outputs or the guided_* fields, not both",

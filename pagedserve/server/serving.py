@@ -51,6 +51,7 @@ class _Job:
     echo: list[str] | None = None  # completions' echo: each prompt's text, put before its choices' text
     tools: ToolPlan | None = None   # chat's tool calling
     prompt_logprobs: bool = False   # vLLM's prompt_logprobs extra: return them with the choices
+    grammar: object = None          # params.structured_outputs, compiled by check_params
 
 
 def audit(request: Request, **fields) -> None:
@@ -144,16 +145,17 @@ class OpenAIServing:
         self.check_token_ids(body.tokens, "tokens")
         return {"prompt": await self.text.decode(body.tokens)}
 
-    async def check_params(self, params: SamplingParams, grammar_field: str) -> None:
+    async def check_params(self, params: SamplingParams, grammar_field: str):
         """Token ids against the vocabulary, and the grammar compiled (cached, off the engine thread): a 400
-        naming the field at fault."""
+        naming the field at fault. Returns the compiled grammar (None without one), for the engine."""
         self.check_token_ids(params.stop_token_ids, "stop_token_ids")
         self.check_token_ids(list(params.logit_bias or ()), "logit_bias")
-        if params.structured_outputs is not None:
-            try:
-                await self.engine.compile_grammar(params.structured_outputs)
-            except GrammarError as e:
-                raise bad_request(str(e), grammar_field) from None
+        if params.structured_outputs is None:
+            return None
+        try:
+            return await self.engine.compile_grammar(params.structured_outputs)
+        except GrammarError as e:
+            raise bad_request(str(e), grammar_field) from None
 
     def check_token_ids(self, ids: list[int], field: str) -> None:
         """Every id a client sends must name a token of the vocabulary: 400 naming the field if not."""
@@ -176,7 +178,7 @@ class OpenAIServing:
         audit(request, model=body.model)
         model = self.check_model(body.model)
         params = body.to_sampling_params()
-        await self.check_params(params, body.grammar_field)
+        grammar = await self.check_params(params, body.grammar_field)
         batch = body.prompts()
         for i, p in enumerate(batch):
             where = "prompt" if len(batch) == 1 else f"prompt {i}"
@@ -205,7 +207,7 @@ class OpenAIServing:
             echo = [p if isinstance(p, str) else await self.text.decode(ids) for p, ids in zip(batch, prompts)]
         job = _Job(False, f"cmpl-{uuid.uuid4().hex}", model, prompts, params, body.logprobs, body.stream,
                    body.include_usage, self._salt(request, body.cache_salt), echo=echo,
-                   prompt_logprobs=body.prompt_logprobs is not None)
+                   prompt_logprobs=body.prompt_logprobs is not None, grammar=grammar)
         return await self._generate(job, request)
 
     async def chat(self, body: ChatCompletionRequest, request: Request) -> Response:
@@ -226,7 +228,7 @@ class OpenAIServing:
             template_kwargs.update(extra)
             if tools.choice != "none":  # where <tool_call> is a special token, its text must survive decoding
                 params = dataclasses.replace(params, skip_special_tokens=False)
-        await self.check_params(params, grammar_field)
+        grammar = await self.check_params(params, grammar_field)
         ids = await self._chat_tokens(conversation, body.add_generation_prompt, template_kwargs or None)
         if body.use_beam_search:
             if tools is not None:
@@ -236,7 +238,7 @@ class OpenAIServing:
         num_logprobs = (body.top_logprobs or 0) if body.logprobs else None
         job = _Job(True, f"chatcmpl-{uuid.uuid4().hex}", model, [ids], params, num_logprobs, body.stream,
                    body.include_usage, self._salt(request, body.cache_salt),
-                   prompt_logprobs=body.prompt_logprobs is not None, tools=tools)
+                   prompt_logprobs=body.prompt_logprobs is not None, tools=tools, grammar=grammar)
         return await self._generate(job, request)
 
     async def _chat_tokens(self, conversation: list[dict], add_generation_prompt: bool,
@@ -258,7 +260,7 @@ class OpenAIServing:
         try:
             for i, prompt in enumerate(job.prompts):
                 rid = job.request_id if len(job.prompts) == 1 else f"{job.request_id}-{i}"
-                streams.append(await self.engine.add_request(prompt, job.params, rid, job.salt))
+                streams.append(await self.engine.add_request(prompt, job.params, rid, job.salt, job.grammar))
         except BaseException as e:
             for s in streams:
                 s.abort()
