@@ -318,9 +318,7 @@ class LLMEngine:
             s.seq.append_output_token(token)
             self.num_generation_tokens += 1
             if result.logprobs is not None and result.logprobs[r] is not None:
-                entry = result.logprobs[r].as_dict()
-                for tid, lp in entry.items():
-                    lp.decoded_token = self._token_text(tid)
+                entry = self._logprob_dict(result.logprobs[r])
                 s.logprobs.append(entry)
                 s.cumulative_logprob += entry[token].logprob
             # A grammar that reached its end (its stop token accepted) ends the sequence, even under ignore_eos.
@@ -380,15 +378,19 @@ class LLMEngine:
         self._seq_owner[seq.request_id] = (group, child)
         return child
 
+    def _logprob_dict(self, entry: TokenLogprobs) -> dict[int, Logprob]:
+        """A token's logprobs as outputs hold them, each listed token named by its text."""
+        lps = entry.as_dict()
+        for tid, lp in lps.items():
+            lp.decoded_token = self._token_text(tid)
+        return lps
+
     def _add_prompt_logprobs(self, group: _Group, position: int, entries: list[TokenLogprobs]) -> None:
         """Keep the logprobs of prompt tokens position, position + 1, ...; a chunk computed again after a
         preemption brings positions already kept, which are skipped."""
         have = group.prompt_logprobs
         for entry in entries[len(have) - position:] if position <= len(have) else []:
-            lps = entry.as_dict()
-            for tid, lp in lps.items():
-                lp.decoded_token = self._token_text(tid)
-            have.append(lps)
+            have.append(self._logprob_dict(entry))
 
     def _sampling_batch(self, rows: list[tuple[_Group, _Sample]], device: torch.device) -> SamplingBatch:
         banned = [min_tokens_banned_ids(g.params, s.seq.num_output_tokens, self.eos_token_ids) for g, s in rows]

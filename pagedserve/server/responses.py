@@ -100,6 +100,12 @@ def prompt_logprobs(entries: list[dict[int, Logprob] | None] | None) -> list[dic
                                     for t, lp in e.items()} for e in entries]
 
 
+def _tool_finish_reason(finish_reason: str | None, made_calls: bool, tools: ToolPlan) -> str | None:
+    """A choice that ended by making calls finishes with "tool_calls"; a forced (named) function with "stop",
+    as OpenAI answers."""
+    return "tool_calls" if made_calls and finish_reason == "stop" and tools.choice != "named" else finish_reason
+
+
 def chat_choice(index: int, c: CompletionOutput, num_logprobs: int | None, tt: TokenText,
                 tools: ToolPlan | None = None) -> dict:
     """tools: the request's tool plan; the text is then parsed into content and tool_calls."""
@@ -107,8 +113,7 @@ def chat_choice(index: int, c: CompletionOutput, num_logprobs: int | None, tt: T
     if tools is not None and tools.choice != "none":
         content, calls = tools.parse(c.text)
         message = {"role": "assistant", "content": content, "tool_calls": calls}
-        if calls and finish_reason == "stop" and tools.choice != "named":  # a forced function ends with "stop"
-            finish_reason = "tool_calls"
+        finish_reason = _tool_finish_reason(finish_reason, bool(calls), tools)
     return {"index": index, "message": message,
             "logprobs": chat_logprobs(c, num_logprobs or 0, tt) if num_logprobs is not None else None,
             "finish_reason": finish_reason, "stop_reason": c.stop_reason}
@@ -123,8 +128,8 @@ def chat_delta_choices(index: int, c: CompletionOutput, num_logprobs: int | None
     else:
         deltas = tool_stream.feed(c.text) + (tool_stream.finish() if c.finish_reason else [])
     finish_reason = c.finish_reason
-    if tool_stream is not None and tool_stream.made_calls and finish_reason == "stop" and tool_stream.plan.choice != "named":
-        finish_reason = "tool_calls"
+    if tool_stream is not None:
+        finish_reason = _tool_finish_reason(finish_reason, tool_stream.made_calls, tool_stream.plan)
     logprobs = chat_logprobs(c, num_logprobs or 0, tt) if num_logprobs is not None else None
     if not deltas and (finish_reason or logprobs):
         deltas = [{}]
