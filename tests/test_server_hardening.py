@@ -8,6 +8,7 @@ import logging
 import os
 import stat
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -59,6 +60,15 @@ def gated(tiny_model_dir, tmp_path_factory):
 def audit_records(path: str) -> list[dict]:
     with open(path, encoding="ascii") as f:  # every line is ASCII
         return [json.loads(line) for line in f]
+
+
+def new_audit_records(path: str, before: int, count: int, timeout: float = 30.0) -> list[dict]:
+    """The records after the first `before`, once `count` of them are written: a streamed response's line is
+    written after its last event reached the client, so reading at once can come too early."""
+    deadline = time.monotonic() + timeout
+    while len(records := audit_records(path)[before:]) < count and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return records
 
 
 # ---- responsiveness --------------------------------------------------------------------------------
@@ -275,4 +285,4 @@ def test_a_bug_mid_stream_ends_the_stream_as_an_openai_500(gated, caplog, monkey
         assert r.status_code == 200
         events = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
     assert events[-1] == "[DONE]" and json.loads(events[-2])["error"]["code"] == "internal_error"
-    assert [(x["status_code"], x["error"]) for x in audit_records(audit)[before:]] == [(500, "internal_error")]
+    assert [(x["status_code"], x["error"]) for x in new_audit_records(audit, before, 1)] == [(500, "internal_error")]
