@@ -6,7 +6,8 @@ import dataclasses
 import os
 import sys
 
-from pagedserve.config import ATTENTION_BACKENDS, DTYPES, KV_RESERVATIONS, QUANTIZATIONS, EngineConfig
+from pagedserve.config import (ATTENTION_BACKENDS, DTYPES, KV_RESERVATIONS, PREEMPTION_MODES, QUANTIZATIONS,
+                               EngineConfig)
 
 ENGINE_HELP = {
     "model": "Hugging Face model folder or .gguf file",
@@ -31,6 +32,12 @@ ENGINE_HELP = {
                     "per 32 values, as llama.cpp does)",
     "enforce_eager": "run every step through the eager model; without it, pure-decode steps in float32 on the CPU "
                      "replay as a fixed list of kernel calls (the decode graph: the same results, less overhead)",
+    "kv_offload_memory": "size of a second KV tier behind the pool, e.g. 4GiB: full blocks the pool evicts are "
+                         "kept there under their hash and loaded back on a prefix hit instead of recomputed",
+    "kv_offload_dir": "keep the second KV tier in a memory-mapped file in this folder (the OS pages it to disk) "
+                      "instead of in memory; needs --kv-offload-memory",
+    "preemption_mode": f"how a request is preempted when the pool is full: {' | '.join(PREEMPTION_MODES)} (swap "
+                       "parks its blocks in the second tier and loads them back; needs --kv-offload-memory)",
 }
 # What an engine option left unset (None) means, for --help.
 ENGINE_UNSET = {
@@ -39,6 +46,8 @@ ENGINE_UNSET = {
     "num_kv_blocks": "as many as --kv-cache-memory holds",
     "max_model_len": "the model's",
     "num_threads": "torch's choice",
+    "kv_offload_memory": "no second tier",
+    "kv_offload_dir": "in memory",
 }
 
 
@@ -75,7 +84,8 @@ def add_engine_args(parser: argparse.ArgumentParser, **defaults) -> None:
             g.add_argument(flag, type=int, default=default, help=text)
         else:
             choices = {"dtype": DTYPES, "kv_reservation": KV_RESERVATIONS,
-                       "attention_backend": ATTENTION_BACKENDS, "quantization": QUANTIZATIONS}.get(f.name)
+                       "attention_backend": ATTENTION_BACKENDS, "quantization": QUANTIZATIONS,
+                       "preemption_mode": PREEMPTION_MODES}.get(f.name)
             g.add_argument(flag, default=default, choices=choices, help=text)
 
 

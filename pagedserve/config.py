@@ -9,6 +9,7 @@ KV_RESERVATIONS = ("none", "request", "max_model_len")
 ATTENTION_BACKENDS = ("auto", "torch", "cpu")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 QUANTIZATIONS = ("none", "gguf")
+PREEMPTION_MODES = ("recompute", "swap")
 
 _UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1000, "kib": 1 << 10, "m": 1 << 20, "mb": 1000**2,
           "mib": 1 << 20, "g": 1 << 30, "gb": 1000**3, "gib": 1 << 30}
@@ -45,6 +46,9 @@ class EngineConfig:
     attention_backend: str = "auto"   # auto | torch | cpu: the paged-attention implementation
     quantization: str = "none"        # none | gguf: keep a GGUF's Q4_0/Q4_1/Q8_0 weights quantized (CPU)
     enforce_eager: bool = False       # never replay pure-decode steps as the decode graph (model/decode_graph.py)
+    kv_offload_memory: str | int | None = None  # size of the second KV tier (kv_cache/offload.py); None: none
+    kv_offload_dir: str | None = None  # the tier as a memory-mapped file in this folder instead of in memory
+    preemption_mode: str = "recompute"  # recompute | swap (to the second tier)
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -63,6 +67,14 @@ class EngineConfig:
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ValueError(f"max_model_len must be >= 1, got {self.max_model_len}")
         parse_memory(self.kv_cache_memory)
+        if self.preemption_mode not in PREEMPTION_MODES:
+            raise ValueError(f"preemption_mode must be one of {PREEMPTION_MODES}, got {self.preemption_mode!r}")
+        if self.kv_offload_memory is None:
+            for name, unset in (("kv_offload_dir", None), ("preemption_mode", "recompute")):
+                if getattr(self, name) != unset:
+                    raise ValueError(f"{name}={getattr(self, name)!r} needs a second KV tier: set kv_offload_memory")
+        elif parse_memory(self.kv_offload_memory) < 1:
+            raise ValueError(f"kv_offload_memory must be positive, got {self.kv_offload_memory!r}")
 
     @classmethod
     def from_kwargs(cls, **kwargs) -> "EngineConfig":

@@ -98,14 +98,17 @@ class _Group:
         return all(s.finish_reason is not None for s in self.samples)
 
 
-def _kv_num_blocks(config: EngineConfig, mc, dtype: torch.dtype) -> int:
-    if config.num_kv_blocks is not None:
-        return config.num_kv_blocks
+def _kv_num_blocks(config: EngineConfig, mc, dtype: torch.dtype) -> tuple[int, int]:
+    """Blocks of the pool and of the offload tier (0: none)."""
     per_block = kv_bytes_per_block(mc.num_hidden_layers, mc.num_key_value_heads, mc.head_dim, config.block_size, dtype)
-    n = parse_memory(config.kv_cache_memory) // per_block
-    if n < 1:
-        raise ValueError(f"kv_cache_memory={config.kv_cache_memory!r} holds no block of {per_block} bytes")
-    return n
+
+    def blocks_in(option: str) -> int:
+        n = parse_memory(getattr(config, option)) // per_block
+        if n < 1:
+            raise ValueError(f"{option}={getattr(config, option)!r} holds no block of {per_block} bytes")
+        return n
+    pool = config.num_kv_blocks if config.num_kv_blocks is not None else blocks_in("kv_cache_memory")
+    return pool, (blocks_in("kv_offload_memory") if config.kv_offload_memory is not None else 0)
 
 
 class LLMEngine:
@@ -122,14 +125,16 @@ class LLMEngine:
         self.model_name = loaded.name
         self.dtype = loaded.dtype
         self.max_model_len = min(config.max_model_len or mc.context_len, mc.context_len)
-        num_blocks = _kv_num_blocks(config, mc, loaded.dtype)
+        num_blocks, num_offload_blocks = _kv_num_blocks(config, mc, loaded.dtype)
         self.kv_cache = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching,
-                                       config.kv_reservation, self.max_model_len)
+                                       config.kv_reservation, self.max_model_len, num_offload_blocks)
         self.scheduler = Scheduler(SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens,
-                                                   self.max_model_len, config.enable_chunked_prefill), self.kv_cache)
+                                                   self.max_model_len, config.enable_chunked_prefill,
+                                                   config.preemption_mode), self.kv_cache)
         self.runner = ModelRunner(loaded.model, mc.num_hidden_layers, mc.num_key_value_heads, mc.head_dim,
                                   num_blocks, config.block_size, loaded.dtype, config.device,
-                                  config.attention_backend, config.max_num_seqs, config.enforce_eager)
+                                  config.attention_backend, config.max_num_seqs, config.enforce_eager,
+                                  num_offload_blocks, config.kv_offload_dir)
         self.eos_token_ids = set(mc.eos_token_ids)
         self.structured_output = StructuredOutputManager(self.tokenizer, mc.vocab_size, self.eos_token_ids)
         # Logprobs name each listed token by its text: decoded once per token id (a long prompt's
@@ -496,6 +501,7 @@ class LLMEngine:
         """The engine's numbers (see DESIGN.md); detailed=False skips those that walk every block table."""
         out = self.kv_cache.stats(detailed)
         out.update(num_preemptions=self.scheduler.num_preemptions,
+                   prefill_tokens_computed=self.scheduler.num_prefill_tokens_computed,
                    num_requests_running=len(self.scheduler.running),
                    num_requests_waiting=len(self.scheduler.waiting),
                    prompt_tokens=self.num_prompt_tokens, generation_tokens=self.num_generation_tokens,

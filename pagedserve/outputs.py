@@ -19,11 +19,23 @@ class ScheduledSequence:
 
 
 @dataclass
+class BlockTransfers:
+    """The copies a step needs before its forward, in this order: pool -> tier (offload: (block, slot)),
+    tier -> pool (load: (slot, block)), then copy-on-write inside the pool (copy: (src, dst))."""
+    offload: list[tuple[int, int]] = field(default_factory=list)
+    load: list[tuple[int, int]] = field(default_factory=list)
+    copy: list[tuple[int, int]] = field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return bool(self.offload or self.load or self.copy)
+
+
+@dataclass
 class SchedulerOutput:
     """A step's batch (in the scheduler's order; the attention backend lays it out as its kernels need),
-    plus copy-on-write block copies."""
+    plus the block copies to run before its forward (offload tier and copy-on-write)."""
     sequences: list[ScheduledSequence] = field(default_factory=list)
-    blocks_to_copy: list[tuple[int, int]] = field(default_factory=list)  # (src, dst), done before the forward
+    transfers: BlockTransfers = field(default_factory=BlockTransfers)
     preempted_ids: list[str] = field(default_factory=list)
     finished_ids: list[str] = field(default_factory=list)
 
@@ -33,7 +45,7 @@ class SchedulerOutput:
 
     @property
     def is_empty(self) -> bool:
-        return not self.sequences
+        return not self.sequences and not self.transfers
 
 
 @dataclass

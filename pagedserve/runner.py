@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import torch
 
 from pagedserve.attention import MetadataBuilder, copy_blocks, select_backend
+from pagedserve.kv_cache.offload import load_blocks, offload_blocks, tier_storage
 from pagedserve.model import decode_graph
 from pagedserve.model.packed_linear import pack_linears
 from pagedserve.outputs import SchedulerOutput
@@ -33,7 +34,8 @@ def kv_bytes_per_block(num_layers: int, num_kv_heads: int, head_dim: int, block_
 class ModelRunner:
     def __init__(self, model: torch.nn.Module, num_layers: int, num_kv_heads: int, head_dim: int,
                  num_blocks: int, block_size: int, dtype: torch.dtype, device: str = "cpu",
-                 attention_backend: str = "auto", max_num_seqs: int = 256, enforce_eager: bool = False) -> None:
+                 attention_backend: str = "auto", max_num_seqs: int = 256, enforce_eager: bool = False,
+                 num_offload_blocks: int = 0, offload_dir: str | None = None) -> None:
         self.model = model
         self.block_size = block_size
         self.device = torch.device(device)
@@ -45,6 +47,9 @@ class ModelRunner:
         shape = (num_blocks + 1, block_size, num_kv_heads, head_dim)
         self.kv_caches = [(torch.zeros(shape, dtype=dtype, device=self.device),
                            torch.zeros(shape, dtype=dtype, device=self.device)) for _ in range(num_layers)]
+        # The offload tier's slots (kv_cache/offload.py), in host memory or a file: K/V of blocks the pool let go.
+        self.kv_tier = (tier_storage(num_offload_blocks, num_layers, shape[1:], dtype, offload_dir)
+                        if num_offload_blocks else None)
         self.metadata_builder = MetadataBuilder(block_size, num_blocks, max_num_seqs, 64, self.device)
         # Pure-decode steps replay the model as a fixed list of kernel calls where it can (decode_graph.py).
         use_graph = not enforce_eager and decode_graph.unsupported(model, self.kv_caches, self.backend.name) is None
@@ -54,7 +59,9 @@ class ModelRunner:
     def execute(self, sched: SchedulerOutput) -> ModelOutput:
         """Run one step; returns float32 logits [num_sampled, vocab] for the sequences with sample=True, in
         the scheduler's order, and the prompt logprobs of the sequences that asked."""
-        copy_blocks(self.kv_caches, sched.blocks_to_copy)
+        self.run_transfers(sched)
+        if not sched.sequences:
+            return ModelOutput(torch.empty(0, self.model.config.vocab_size))
         query_lens = [len(s.token_ids) for s in sched.sequences]
         order = self.backend.order(query_lens)  # the layout the backend's kernels want
         seqs = [sched.sequences[i] for i in order]
@@ -78,6 +85,15 @@ class ModelRunner:
                 out.prompt_logprobs[s.request_id] = self._prompt_logprobs(
                     hidden[first:first + len(s.prompt_targets)], s.prompt_targets, s.prompt_logprobs)
         return out
+
+    def run_transfers(self, sched: SchedulerOutput) -> None:
+        """The step's block copies, in the order that keeps every block's K/V intact until it is read:
+        pool -> tier first (a block leaving the pool may be rewritten by this step), then tier -> pool, then
+        copy-on-write."""
+        t = sched.transfers
+        offload_blocks(self.kv_caches, self.kv_tier, t.offload)
+        load_blocks(self.kv_caches, self.kv_tier, t.load)
+        copy_blocks(self.kv_caches, t.copy)
 
     def _prompt_logprobs(self, hidden: torch.Tensor, targets: list[int], top_n: int) -> list[TokenLogprobs]:
         result: list[TokenLogprobs] = []

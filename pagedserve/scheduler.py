@@ -16,7 +16,7 @@ from collections import deque
 from dataclasses import dataclass
 
 from pagedserve.kv_cache import KVCacheManager
-from pagedserve.kv_cache.manager import cdiv
+from pagedserve.kv_cache.manager import CachedPrefix, cdiv
 from pagedserve.outputs import ScheduledSequence, SchedulerOutput
 from pagedserve.request import Request, RequestStatus
 
@@ -27,6 +27,7 @@ class SchedulerConfig:
     max_num_batched_tokens: int = 2048
     max_model_len: int = 2048
     enable_chunked_prefill: bool = True
+    preemption_mode: str = "recompute"  # recompute | swap (to the KV cache's offload tier)
 
 
 class Scheduler:
@@ -36,6 +37,7 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.num_preemptions = 0
+        self.num_prefill_tokens_computed = 0
         self._in_flight: list[tuple[Request, int]] = []  # scheduled, not yet committed
 
     # ---- requests in and out ----------------------------------------------------------------
@@ -113,17 +115,21 @@ class Scheduler:
         # Admit waiting requests only when nobody had to be preempted this step.
         while not preempted and self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             req = self.waiting[0]
-            hits, num_hit = self.kv_cache.get_computed_blocks(req)
-            if req.sampling_params.prompt_logprobs is not None and req.num_output_tokens == 0:
-                hits, num_hit = [], 0  # every prompt position's logits are wanted: compute them all
+            prefix = self.kv_cache.get_computed_blocks(req)
+            if (req.sampling_params.prompt_logprobs is not None and req.num_output_tokens == 0
+                    and not prefix.swapped_in):
+                prefix = CachedPrefix()  # every prompt position's logits are wanted: compute them all
+            num_hit = prefix.num_tokens
             n = req.num_tokens - num_hit
             if n > budget and not self.config.enable_chunked_prefill:
                 if scheduled:
                     break
                 budget = n  # longer than any budget: it runs alone, or it would block the queue forever
             n = min(n, budget)
-            if self.kv_cache.allocate_slots(req, n, hits) is None:
-                break
+            if self.kv_cache.allocate_slots(req, n, prefix) is None:
+                if scheduled or not self._preempt_held():
+                    break
+                continue
             self.waiting.popleft()
             req.num_computed_tokens = num_hit
             if req.num_cached_tokens < 0:
@@ -133,7 +139,7 @@ class Scheduler:
             scheduled.append((req, n))
             budget -= n
 
-        out = SchedulerOutput(blocks_to_copy=self.kv_cache.take_blocks_to_copy(), preempted_ids=preempted)
+        out = SchedulerOutput(transfers=self.kv_cache.take_transfers(), preempted_ids=preempted)
         for req, n in scheduled:
             start = req.num_computed_tokens
             seq = ScheduledSequence(
@@ -145,23 +151,48 @@ class Scheduler:
                 seq.prompt_targets = req.prompt_token_ids[start + 1:start + n + 1]
             out.sequences.append(seq)
         self._in_flight = scheduled
+        if out.is_empty:  # nothing to run: the step is over already
+            self.kv_cache.end_step(ok=True)
         return out
 
     def commit_step(self) -> None:
-        """The last scheduled step has written its K/V: its tokens count as computed from now on."""
+        """The last scheduled step has run (its copies and its forward): its tokens count as computed from
+        now on."""
         for req, n in self._in_flight:
+            # Prefill: every token computed but the one a decode step computes (the last sampled token).
+            decode = req.num_output_tokens > 0 and req.num_computed_tokens + n == req.num_tokens
+            self.num_prefill_tokens_computed += n - decode
             req.num_computed_tokens += n
             self.kv_cache.cache_blocks(req)
         self._in_flight = []
+        self.kv_cache.end_step(ok=True)
 
     def abort_step(self) -> None:
         """The last scheduled step failed: forget it (the caller aborts the requests it was computing)."""
         self._in_flight = []
+        self.kv_cache.end_step(ok=False)
 
-    def _preempt(self, req: Request) -> None:
-        self.kv_cache.free(req)
+    def _preempt_held(self) -> bool:
+        """Nothing could run this step and the queue's head does not fit: the most recent request held for its
+        beam siblings gives its blocks back (to the queue's tail), or the siblings it waits for might never fit.
+        Its next-token log-probs are kept by the engine, so its beam search loses no step."""
+        for victim in reversed(self.running):
+            if victim.held:
+                self.running.remove(victim)
+                self._preempt(victim, to_tail=True)
+                return True
+        return False
+
+    def _preempt(self, req: Request, to_tail: bool = False) -> None:
+        """Swap the request's blocks out to the tier (preemption_mode swap, when it has room), else free them
+        to be recomputed; either way it goes back to the head of the queue (or its tail)."""
+        if not (self.config.preemption_mode == "swap" and self.kv_cache.swap_out(req)):
+            self.kv_cache.free(req)
         req.num_computed_tokens = 0
         req.status = RequestStatus.PREEMPTED
         req.num_preemptions += 1
         self.num_preemptions += 1
-        self.waiting.appendleft(req)
+        if to_tail:
+            self.waiting.append(req)
+        else:
+            self.waiting.appendleft(req)

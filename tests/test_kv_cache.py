@@ -1,7 +1,7 @@
 """The block pool and KV cache manager: exact block ids, ref counts and free-queue order."""
 import pytest
 
-from pagedserve.kv_cache import BlockPool, FreeBlockQueue, InvariantError, KVCacheBlock, KVCacheManager, hash_block
+from pagedserve.kv_cache import BlockPool, CachedPrefix, FreeBlockQueue, InvariantError, KVCacheBlock, KVCacheManager, hash_block
 from pagedserve.request import Request
 from pagedserve.sampling_params import SamplingParams
 
@@ -14,8 +14,9 @@ def req(rid, tokens, max_tokens=8, salt=None):
 
 def admit(m, r):
     """What the scheduler does for a waiting request: prefix lookup, then allocate the rest."""
-    hits, n = m.get_computed_blocks(r)
-    ids = m.allocate_slots(r, r.num_tokens - n, hits)
+    prefix = m.get_computed_blocks(r)
+    n = prefix.num_tokens
+    ids = m.allocate_slots(r, r.num_tokens - n, prefix)
     if ids is not None:  # the step ran: its K/V are written, its full blocks become findable
         r.num_computed_tokens = r.num_tokens
         m.cache_blocks(r)
@@ -86,16 +87,16 @@ def test_prefix_hit_shares_blocks_and_counts_tokens():
     m.check_invariants([a, b])
     # a full-prompt hit still leaves the last token to compute
     c = req("c", range(12))
-    hits, n = m.get_computed_blocks(c)
-    assert n == 8 and [h.block_id for h in hits] == [0, 1]
+    prefix = m.get_computed_blocks(c)
+    assert prefix.num_tokens == 8 and [h.block_id for h in prefix.blocks] == [0, 1]
 
 
 def test_cache_salt_isolates():
     m = KVCacheManager(num_blocks=10, block_size=B)
     admit(m, req("a", range(12), salt="tenant-1"))
-    assert m.get_computed_blocks(req("b", range(12), salt="tenant-2"))[1] == 0
-    assert m.get_computed_blocks(req("c", range(12)))[1] == 0
-    assert m.get_computed_blocks(req("d", range(12), salt="tenant-1"))[1] == 8
+    assert m.get_computed_blocks(req("b", range(12), salt="tenant-2")).num_tokens == 0
+    assert m.get_computed_blocks(req("c", range(12))).num_tokens == 0
+    assert m.get_computed_blocks(req("d", range(12), salt="tenant-1")).num_tokens == 8
 
 
 def test_lazy_eviction_lru_order():
@@ -119,7 +120,7 @@ def test_lazy_eviction_lru_order():
     ids, _ = admit(m, d)
     # free queue was [3, 1, 0] (b's tail 3 then its shared prefix 1, 0): 3 goes, then 1 (cached: evicted)
     assert ids == [3, 1] and m.pool.num_evictions == 1
-    assert m.get_computed_blocks(req("e", range(9)))[1] == 4  # block 0 survived, block 1 was evicted
+    assert m.get_computed_blocks(req("e", range(9))).num_tokens == 4  # block 0 survived, block 1 was evicted
     m.check_invariants([c, d])
 
 
@@ -138,22 +139,22 @@ def test_full_pool_returns_none_and_changes_nothing():
 def test_blocks_are_findable_only_after_their_step_completed():
     m = KVCacheManager(num_blocks=8, block_size=B)
     a = req("a", range(10))
-    hits, n = m.get_computed_blocks(a)
-    assert m.allocate_slots(a, a.num_tokens - n, hits) == [0, 1, 2]
+    prefix = m.get_computed_blocks(a)
+    assert m.allocate_slots(a, a.num_tokens - prefix.num_tokens, prefix) == [0, 1, 2]
     # Allocated, K/V not written yet: a request with the same prefix must not find them.
     b = req("b", range(10))
-    assert m.get_computed_blocks(b) == ([], 0)
+    assert m.get_computed_blocks(b) == CachedPrefix()
     assert all(blk.block_hash is None for blk in m.pool.blocks)
     # The step failed: the request is aborted; nothing of it stays findable.
     m.free(a)
-    assert m.get_computed_blocks(b) == ([], 0) and not m.pool.cached_blocks
+    assert m.get_computed_blocks(b) == CachedPrefix() and not m.pool.cached_blocks
     m.check_invariants()
     # The same step completing instead makes the two full blocks findable.
     ids, hit = admit(m, b)
     assert (ids, hit) == ([3, 4, 5], 0)
     assert [m.pool.blocks[i].block_hash is not None for i in ids] == [True, True, False]
     c = req("c", range(10))
-    assert m.get_computed_blocks(c)[1] == 8
+    assert m.get_computed_blocks(c).num_tokens == 8
     m.check_invariants([b])
 
 
@@ -180,12 +181,12 @@ def test_fork_shares_and_copies_on_write():
     m.check_invariants([p, c])
     # the parent writes into the shared partial block: it gets a private copy first
     assert decode(m, p, 70) == [2]
-    assert m.take_blocks_to_copy() == [(1, 2)]
+    assert m.take_transfers().copy == [(1, 2)]
     assert m.get_block_ids("p") == [0, 2] and m.get_block_ids("c") == [0, 1]
     assert refs(m)[:3] == [2, 1, 1]
     # the child now owns block 1 alone: no copy
     assert decode(m, c, 80) == []
-    assert m.take_blocks_to_copy() == []
+    assert m.take_transfers().copy == []
     m.check_invariants([p, c])
     m.free(p)
     m.free(c)
@@ -201,7 +202,7 @@ def test_fork_at_block_boundary_needs_no_copy():
     c.num_computed_tokens = 8
     m.fork(p, c)
     assert decode(m, p, 1) == [2] and decode(m, c, 2) == [3]
-    assert m.take_blocks_to_copy() == []
+    assert m.take_transfers().copy == []
     assert refs(m)[:4] == [2, 2, 1, 1]
     m.check_invariants([p, c])
 
@@ -259,4 +260,4 @@ def test_forged_hash_collision_is_not_a_hit():
     m._update_block_hashes(victim)
     # Pretend an attacker's block landed under the victim's first-block hash.
     m.pool.cached_blocks[victim.block_hashes[0]] = m.pool.blocks[0]
-    assert m.get_computed_blocks(victim)[1] == 0
+    assert m.get_computed_blocks(victim).num_tokens == 0

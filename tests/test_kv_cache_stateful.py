@@ -30,7 +30,7 @@ class KVCacheMachine(RuleBasedStateMachine):
     # -- the fake model runner -------------------------------------------------------------
     def _run(self, r: Request, n: int) -> None:
         """Copy-on-write copies first, then write tokens [computed, computed + n) into their slots."""
-        for src, dst in self.m.take_blocks_to_copy():
+        for src, dst in self.m.take_transfers().copy:
             self.slots[dst * self.B:(dst + 1) * self.B] = self.slots[src * self.B:(src + 1) * self.B]
         table = self.m.get_block_ids(r.request_id)
         for pos in range(r.num_computed_tokens, r.num_computed_tokens + n):
@@ -61,9 +61,10 @@ class KVCacheMachine(RuleBasedStateMachine):
     def admit(self, data):
         rid = data.draw(st.sampled_from(sorted(self.waiting)))
         r = self.waiting[rid]
-        hits, n = self.m.get_computed_blocks(r)
+        prefix = self.m.get_computed_blocks(r)
+        n = prefix.num_tokens
         assert n % self.B == 0 and n < r.num_tokens
-        if self.m.allocate_slots(r, r.num_tokens - n, hits) is None:
+        if self.m.allocate_slots(r, r.num_tokens - n, prefix) is None:
             return
         r.num_computed_tokens = n
         self._run(r, r.num_tokens - n)
@@ -100,10 +101,11 @@ class KVCacheMachine(RuleBasedStateMachine):
         Nobody may find those blocks afterwards (every later read-back would see the garbage)."""
         rid = data.draw(st.sampled_from(sorted(self.waiting)))
         r = self.waiting[rid]
-        hits, n = self.m.get_computed_blocks(r)
-        if self.m.allocate_slots(r, r.num_tokens - n, hits) is None:
+        prefix = self.m.get_computed_blocks(r)
+        n = prefix.num_tokens
+        if self.m.allocate_slots(r, r.num_tokens - n, prefix) is None:
             return
-        self.m.take_blocks_to_copy()
+        self.m.take_transfers().copy
         table = self.m.get_block_ids(rid)
         for pos in range(n, min(r.num_tokens, n + written)):
             self.slots[table[pos // self.B] * self.B + pos % self.B] = "garbage"

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import struct
 from dataclasses import dataclass, field
-from typing import Iterable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 
 class InvariantError(RuntimeError):
@@ -94,7 +94,10 @@ class FreeBlockQueue:
 class BlockPool:
     """num_blocks physical blocks of block_size slots; hands out, shares, caches and frees them."""
 
-    def __init__(self, num_blocks: int, block_size: int, enable_caching: bool = True) -> None:
+    def __init__(self, num_blocks: int, block_size: int, enable_caching: bool = True,
+                 on_evict: Callable[[KVCacheBlock], None] | None = None) -> None:
+        """on_evict: called with a cached block about to be reused, while its K/V are still intact (the
+        KV cache manager writes it to the offload tier)."""
         if num_blocks < 1 or block_size < 1:
             raise ValueError(f"need num_blocks >= 1 and block_size >= 1, got {num_blocks}, {block_size}")
         self.num_blocks = num_blocks
@@ -104,6 +107,7 @@ class BlockPool:
         self.free_queue = FreeBlockQueue(self.blocks)
         self.cached_blocks: dict[bytes, KVCacheBlock] = {}
         self.num_evictions = 0
+        self.on_evict = on_evict
 
     @property
     def num_free_blocks(self) -> int:
@@ -127,6 +131,8 @@ class BlockPool:
         out = []
         for _ in range(n):
             block = self.free_queue.popleft()
+            if block.block_hash is not None and self.on_evict is not None:
+                self.on_evict(block)
             self._evict(block)
             block.ref_cnt = 1
             out.append(block)

@@ -20,12 +20,19 @@ GAUGES = (
     ("kv_cache_usage_perc", "kv_cache_usage", "Fraction of KV cache blocks in use (1 = all); evictable cached blocks count as free."),
     ("num_requests_running", "num_requests_running", "Sequences running in the engine."),
     ("num_requests_waiting", "num_requests_waiting", "Requests waiting to be scheduled."),
+    ("kv_offload_usage_perc", "kv_offload_usage", "Fraction of the second KV tier's slots holding a block (0 without one)."),
 )
 # Counter names are given without "_total": prometheus_client appends it.
 COUNTERS = (
     ("prefix_cache_queries", "prefix_cache_queries", "Prompt tokens looked up in the prefix cache."),
     ("prefix_cache_hits", "prefix_cache_hits", "Prompt tokens found in the prefix cache."),
-    ("num_preemptions", "num_preemptions", "Requests preempted (recomputed later) for lack of KV cache blocks."),
+    ("num_preemptions", "num_preemptions", "Requests preempted (recomputed or swapped) for lack of KV cache blocks."),
+    ("num_swapped_out", "num_swapped_out", "Preemptions that parked the request's blocks in the second KV tier."),
+    ("kv_offload_hits", "kv_offload_hits", "Prompt tokens loaded from the second KV tier (part of the prefix-cache hits)."),
+    ("kv_blocks_offloaded", "kv_blocks_offloaded", "KV blocks copied from the pool to the second tier."),
+    ("kv_blocks_loaded", "kv_blocks_loaded", "KV blocks copied from the second tier back into the pool."),
+    ("prefill_tokens_computed", "prefill_tokens_computed", "Tokens run through the model other than decode tokens "
+                                                           "(prompts, and contexts recomputed after preemption)."),
     ("prompt_tokens", "prompt_tokens", "Prompt tokens of accepted requests."),
     ("generation_tokens", "generation_tokens", "Tokens generated."),
 )
