@@ -38,11 +38,13 @@ class ReportPlan:
     serve_requests: int
     rate_multipliers: list[float]  # request rates as multiples of the offline capacity of section 2
     recompute_lengths: list[int]
+    beam_prompts: int
+    beam_widths: list[int]
     serve_budget: int | None = None   # KV blocks of the server (default: the smallest budget)
     rates: list[float] | None = None  # explicit request rates (override the multipliers)
     workload_scale: float = 1.0
     seed: int = 0
-    sections: list[int] = field(default_factory=lambda: [1, 2, 3, 4, 5, 6])
+    sections: list[int] = field(default_factory=lambda: [1, 2, 3, 4, 5, 6, 7])
 
 
 # Sized for two shared CPU cores at 100-400 output tokens/s: full about 20 minutes, quick about 5.
@@ -50,10 +52,11 @@ class ReportPlan:
 # policies converge, as section 2 shows).
 FULL = ReportPlan(chat_requests=24, budgets=[256, 512, 1024], hf_budgets=[1024], shared_requests=24,
                   sampling_prompts=4, sampling_ns=[2, 4, 6], serve_requests=20, rate_multipliers=[0.5, 1.0, 2.0],
-                  recompute_lengths=[64, 128, 256, 512, 1024, 2000], serve_budget=256)
+                  recompute_lengths=[64, 128, 256, 512, 1024, 2000], beam_prompts=8, beam_widths=[2, 4, 6],
+                  serve_budget=256)
 QUICK = ReportPlan(chat_requests=8, budgets=[256, 1024], hf_budgets=[1024], shared_requests=8,
                    sampling_prompts=2, sampling_ns=[2, 6], serve_requests=8, rate_multipliers=[0.5, 2.0],
-                   recompute_lengths=[64, 256, 1024], serve_budget=256)
+                   recompute_lengths=[64, 256, 1024], beam_prompts=2, beam_widths=[2, 4], serve_budget=256)
 
 
 # ---- command line -----------------------------------------------------------------------------
@@ -89,6 +92,8 @@ _PLAN_FLAGS = {  # flag -> (type, help); each overrides the preset's field of th
     "rates": (_floats, "section 5's request rates in req/s (instead of --rate-multipliers)"),
     "serve_budget": (int, "KV blocks of the server in section 5 (default: the smallest budget)"),
     "recompute_lengths": (_ints, "context lengths of section 6"),
+    "beam_prompts": (int, "chat prompts of section 7 (a beam search each, all submitted at once)"),
+    "beam_widths": (_ints, "beam widths of section 7"),
     "workload_scale": (float, ("multiply the workload generators' length medians (1: as the paper-like defaults; "
                               "smaller for tiny test models)")),
     "sections": (_ints, "sections to run, e.g. 1,2,3 (default all)"),
@@ -98,9 +103,10 @@ _PLAN_FLAGS = {  # flag -> (type, help); each overrides the preset's field of th
 def add_subcommand(sub, add_engine_args) -> None:
     p = sub.add_parser("report", help="measure the PagedAttention claims; write plots and a README",
                        description="Run the evidence report (KV memory use, throughput at fixed KV budgets, "
-                                   "prefix sharing, parallel sampling, latency under load, cache vs recompute) "
-                                   "and write PNG plots, results.json and README.md into --out. The context "
-                                   f"window defaults to {REPORT_MAX_MODEL_LEN} tokens (OPT's, as in the paper).")
+                                   "prefix sharing, parallel sampling, latency under load, cache vs recompute, "
+                                   "beam search) and write PNG plots, results.json and README.md into --out. The "
+                                   f"context window defaults to {REPORT_MAX_MODEL_LEN} tokens (OPT's, as in the "
+                                   "paper).")
     p.add_argument("--out", default="docs/report", help="output folder")
     p.add_argument("--quick", action="store_true", help="a smaller draw: fewer requests, budgets and rates (minutes)")
     p.add_argument("--render-only", action="store_true", help="redraw plots and README from --out/results.json")
@@ -228,6 +234,10 @@ def run_report(args, plan: ReportPlan) -> dict:
         tokens = [t for it in chat for t in it.prompt_token_ids]
         log(f"section 6: cache vs recompute at context lengths {lengths}")
         done("recompute", runs.cache_vs_recompute(base, tokens, lengths, log))
+    if 7 in want:
+        prompts = chat[:plan.beam_prompts]
+        log(f"section 7: beam search widths {plan.beam_widths} on {len(prompts)} chat prompts, all at once")
+        done("beam", runs.beam_search(base, prompts, plan.beam_widths, log))
     results["machine_end"] = machine_info()
     results["loadavg"]["end"] = os.getloadavg()[0]
     results["elapsed_s"] = time.perf_counter() - start

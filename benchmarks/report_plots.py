@@ -8,6 +8,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
 from benchmarks.report_claims import (
+    PAPER_BEAM_SAVING,
     PAPER_SAMPLING_SAVING,
     PAPER_SLOT_SHARES,
     by_policy,
@@ -104,22 +105,27 @@ def prefix(section: dict, path: str) -> None:
     _save(fig, path)
 
 
+def _savings(ax, xs: list[int], rows: list[dict], paper: dict[str, tuple[float, float]], xlabel: str) -> None:
+    """Saved % (rows' saving_mean and saving_peak) against xs, with the paper's ranges as bands."""
+    for (name, (lo, hi)), color in zip(paper.items(), ("#fdd0a2", "#c6dbef")):
+        ax.axhspan(100 * lo, 100 * hi, color=color, alpha=0.7, label=f"paper, {name}")
+    ax.plot(xs, [100 * r["saving_mean"] for r in rows], marker="o", color="#1b9e77", label="measured (mean over steps)")
+    ax.plot(xs, [100 * r["saving_peak"] for r in rows], marker="^", linestyle="--", color="#7570b3",
+            label="measured (peak)")
+    ax.set_xticks(xs)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("KV blocks saved by sharing (%)")
+    top = max([hi for _, hi in paper.values()] + [r[k] for r in rows for k in ("saving_mean", "saving_peak")])
+    ax.set_ylim(0, max(50, 115 * top))
+    ax.legend(fontsize=8, loc="upper left")
+    ax.grid(alpha=0.3)
+
+
 def sampling(rows: list[dict], path: str) -> None:
     """KV blocks saved by sharing against n, with the paper's ranges as bands."""
     fig, ax = plt.subplots(figsize=(6.5, 4))
-    ns = [r["n"] for r in rows]
-    for (name, (lo, hi)), color in zip(PAPER_SAMPLING_SAVING.items(), ("#fdd0a2", "#c6dbef")):
-        ax.axhspan(100 * lo, 100 * hi, color=color, alpha=0.7, label=f"paper, {name}")
-    ax.plot(ns, [100 * r["saving_mean"] for r in rows], marker="o", color="#1b9e77", label="measured (mean over steps)")
-    ax.plot(ns, [100 * r["saving_peak"] for r in rows], marker="^", linestyle="--", color="#7570b3",
-            label="measured (peak)")
-    ax.set_xticks(ns)
-    ax.set_xlabel("parallel samples n")
-    ax.set_ylabel("KV blocks saved by sharing (%)")
-    ax.set_ylim(0, max(50, 100 * max(r["saving_peak"] for r in rows) * 1.15))
+    _savings(ax, [r["n"] for r in rows], rows, PAPER_SAMPLING_SAVING, "parallel samples n")
     ax.set_title("Parallel sampling: memory saved by sharing the prompt", fontsize=10)
-    ax.legend(fontsize=8, loc="upper left")
-    ax.grid(alpha=0.3)
     _save(fig, path)
 
 
@@ -168,4 +174,27 @@ def recompute(rows: list[dict], path: str) -> None:
     ax.set_title("Why a KV cache (one sequence)", fontsize=10)
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3, which="both")
+    _save(fig, path)
+
+
+def beam(section: dict, path: str) -> None:
+    """Beam search: blocks held against the same beams unshared (mean and peak) per width; saved % per width."""
+    runs = section["runs"]
+    widths = [r["beam_width"] for r in runs]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    ax, step = axes[0], 0.2
+    bars = [("blocks_mean", "held, mean", "#1b9e77", None), ("unshared_blocks_mean", "unshared, mean", "#999999", None),
+            ("blocks_peak", "held, peak", "#1b9e77", "//"), ("unshared_blocks_peak", "unshared, peak", "#999999", "//")]
+    for i, (key, label, color, hatch) in enumerate(bars):
+        xs = [j + (i - 1.5) * step for j in range(len(runs))]
+        ax.bar(xs, [r[key] for r in runs], width=step, color=color, hatch=hatch, edgecolor="white", label=label)
+    ax.set_xticks(range(len(runs)))
+    ax.set_xticklabels([str(k) for k in widths])
+    ax.set_xlabel("beam width")
+    ax.set_ylabel(f"KV blocks ({section['block_size']} tokens each)")
+    ax.set_title(f"Blocks held with and without sharing ({runs[0]['num_prompts']} searches at once)", fontsize=10)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3, axis="y")
+    _savings(axes[1], widths, runs, PAPER_BEAM_SAVING, "beam width")
+    axes[1].set_title("Beam search: memory saved by sharing blocks", fontsize=10)
     _save(fig, path)

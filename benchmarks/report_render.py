@@ -8,7 +8,7 @@ from benchmarks.report_claims import Claim, pct
 from pagedserve.bench.results import fmt
 
 FIGURES = {"budgets": "memory.png", "budgets_line": "budgets.png", "prefix": "prefix.png",
-           "sampling": "sampling.png", "latency": "latency.png", "recompute": "recompute.png"}
+           "sampling": "sampling.png", "latency": "latency.png", "recompute": "recompute.png", "beam": "beam.png"}
 
 
 def md_table(headers: list[str], rows: list[list]) -> str:
@@ -48,6 +48,9 @@ def render(results: dict, out: str) -> str:
     if s.get("recompute"):
         plots.recompute(s["recompute"], os.path.join(out, FIGURES["recompute"]))
         add(claims.recompute_claim(s["recompute"]), _recompute_body(s["recompute"]))
+    if s.get("beam"):
+        plots.beam(s["beam"], os.path.join(out, FIGURES["beam"]))
+        add(claims.beam_claim(s["beam"], s.get("sampling")), _beam_body(s["beam"]))
 
     text = "\n".join([_header(results), _summary(summary), *parts, _footer(results)])
     with open(os.path.join(out, "README.md"), "w") as f:
@@ -98,9 +101,9 @@ def _footer(r: dict) -> str:
     plan = ", ".join(f"{k}={v}" for k, v in p.items())
     return (f"## How this was measured\n\nPlan (`ReportPlan` in benchmarks/report.py): {plan}.\n\n"
             f"Each engine run submits all its requests at once "
-            f"(sections 1-4) and steps until the last finishes; timing excludes model loading. Shares of KV slots "
-            f"come from the engine's own per-step accounting (`engine.kv_cache.usage_sum`), block counts from its "
-            f"block pool, prefill and hit counts from its prefix-cache counters.\n")
+            f"(sections 1-4 and 7) and steps until the last finishes; timing excludes model loading. Shares of KV "
+            f"slots come from the engine's own per-step accounting (`engine.kv_cache.usage_sum`), block counts from "
+            f"its block pool, prefill and hit counts from its prefix-cache counters.\n")
 
 
 # ---- section bodies -----------------------------------------------------------------------------
@@ -220,3 +223,25 @@ def _recompute_body(rows_in: list[dict]) -> str:
             "again); the following decode steps, each one new token attending to the cached keys and values, are "
             "timed and their median taken.\n\n![time per token with and without the cache](recompute.png)\n\n"
             + md_table(["context length", "with the cache ms/token", "recomputing ms/token", "ratio"], rows))
+
+
+def _beam_body(sec: dict) -> str:
+    rows = [[r["beam_width"], r["num_prompts"], r["blocks_mean"], r["unshared_blocks_mean"], pct(r["saving_mean"]),
+             r["blocks_peak"], r["unshared_blocks_peak"], pct(r["saving_peak"]), r["beam_tokens_per_s"],
+             r["elapsed_s"], r["num_preemptions"]] for r in sec["runs"]]
+    w = sec["workload"]
+    return (f"**How.** The first {w['num_requests']} chat prompts (mean {w['mean_prompt_len']:.0f} tokens), each a "
+            f"beam search of the workload's output length (mean {w['mean_output_len']:.0f} tokens; EOS ignored, "
+            f"`early_stopping=\"never\"`, so every search runs its whole length), all submitted at once to one "
+            f"engine: the searches share its batch and its pool of {sec['num_kv_blocks']} blocks, which holds every "
+            f"beam unshared, so nothing waits for memory. Prefix caching is off, so only the beams' own sharing "
+            f"counts. After every engine step: the blocks the engine holds (a continuation forks its parent's "
+            f"block table, copy-on-write) and the blocks the same live beams would hold each with its own table "
+            f"(the sum over the beams of every search of ceil(tokens in its cache / {sec['block_size']})), the "
+            f"counterfactual of an engine without sharing, from the same run. Saved = 1 - held / unshared; the "
+            f"headline is the mean over steps, peak alongside. Beam tokens/s counts width x output length per "
+            f"search; transformers' beam search is not timed here (slow on this CPU): "
+            f"`python -m benchmarks.beam_memory` does (docs/PERFORMANCE.md).\n\n"
+            f"![KV blocks held and saved by beam search](beam.png)\n\n"
+            + md_table(["width", "searches", "mean blocks held", "mean unshared", "saved (mean)", "peak held",
+                        "peak unshared", "saved (peak)", "beam tok/s", "time s", "preemptions"], rows))

@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 from pagedserve.bench.throughput import run_engine
 from pagedserve.bench import workload
-from pagedserve.bench.workload import WorkloadItem, item_from_dict
+from pagedserve.bench.workload import WorkloadItem, item_from_dict, workload_summary
 from pagedserve.config import EngineConfig
 from pagedserve.kv_cache.manager import SlotUsage, cdiv
 
@@ -82,6 +82,15 @@ def _kv_bytes_per_block(engine) -> int:
     mc = engine.model_config
     return kv_bytes_per_block(mc.num_hidden_layers, mc.num_key_value_heads, mc.head_dim,
                               engine.config.block_size, engine.dtype)
+
+
+def unshared_pool_config(base: EngineConfig, items: list[WorkloadItem], copies: int) -> EngineConfig:
+    """Paged allocation, prefix caching off (only a request's own sequences share), and a pool that holds
+    `copies` sequences of every item whole, each with its own blocks (plus one block per item): nothing is
+    preempted, with sharing or without."""
+    blocks = copies * sum(cdiv(it.prompt_len + it.max_tokens, base.block_size) for it in items) + len(items)
+    return base.replace(enable_prefix_caching=False, kv_reservation="none", num_kv_blocks=blocks,
+                        max_num_seqs=max(base.max_num_seqs, copies * len(items)))
 
 
 def run_policy(config: EngineConfig, items: list[WorkloadItem], progress: bool = False) -> dict:
@@ -188,13 +197,10 @@ def parallel_sampling(base: EngineConfig, items: list[WorkloadItem], ns: list[in
     Prefix caching is off in both, so the independent requests share nothing; the pool holds every
     sequence at once, so neither run preempts.
     """
-    B = base.block_size
     rows = []
     for n in ns:
-        blocks = n * sum(cdiv(it.prompt_len + it.max_tokens, B) for it in items) + len(items)
-        config = base.replace(enable_prefix_caching=False, kv_reservation="none", num_kv_blocks=blocks,
-                              max_num_seqs=max(base.max_num_seqs, n * len(items)))
-        row = {"n": n, "num_prompts": len(items), "num_kv_blocks": blocks}
+        config = unshared_pool_config(base, items, n)
+        row = {"n": n, "num_prompts": len(items), "num_kv_blocks": config.num_kv_blocks}
         for mode in ("shared", "independent"):
             row[mode] = _with_engine(config, lambda engine, shared=mode == "shared", n=n:
                                      _sample_n(engine, items, n, shared))
@@ -257,6 +263,28 @@ def cache_vs_recompute(base: EngineConfig, token_ids: list[int], lengths: list[i
                 f"{row['recompute_ms']:.1f} ms recomputing")
         return rows
     return _with_engine(config, body)
+
+
+# ---- section 7: beam search ---------------------------------------------------------------------
+def beam_search(base: EngineConfig, items: list[WorkloadItem], widths: list[int], log: Log) -> dict:
+    """Per beam width, every item's beam search (its workload output length, EOS ignored) submitted at once:
+    benchmarks/beam_memory.py's measure, the blocks held against the same live beams each with its own
+    table. One engine, its pool holding every beam of the widest search unshared, so nothing is preempted."""
+    from benchmarks.beam_memory import measure
+    config = unshared_pool_config(base, items, max(widths))
+    prompts, lengths = [it.prompt_token_ids for it in items], [it.max_tokens for it in items]
+
+    def body(engine) -> list[dict]:
+        rows = []
+        for k in widths:
+            r = measure(engine, prompts, lengths, k, batched=True)
+            rows.append(r)
+            log(f"beam width {k}: mean blocks {r['blocks_mean']:.0f} held vs {r['unshared_blocks_mean']:.0f} "
+                f"unshared ({100 * r['saving_mean']:.1f}% saved; peak {100 * r['saving_peak']:.1f}%), "
+                f"{r['beam_tokens_per_s']:.1f} beam tok/s, {r['num_preemptions']} preemptions")
+        return rows
+    return {"num_kv_blocks": config.num_kv_blocks, "block_size": config.block_size, "batched": True,
+            "workload": workload_summary(items), "runs": _with_engine(config, body)}
 
 
 def stderr_log(start: float) -> Log:

@@ -48,8 +48,8 @@ class ModelRunner:
         self.kv_caches = [(torch.zeros(shape, dtype=dtype, device=self.device),
                            torch.zeros(shape, dtype=dtype, device=self.device)) for _ in range(num_layers)]
         # The offload tier's slots (kv_cache/offload.py), in host memory or a file: K/V of blocks the pool let go.
-        self.kv_tier = (tier_storage(num_offload_blocks, num_layers, shape[1:], dtype, offload_dir)
-                        if num_offload_blocks else None)
+        self.kv_tier = (tier_storage(num_offload_blocks, num_layers, shape[1:], dtype, offload_dir,
+                                     pin_memory=self.device.type == "cuda") if num_offload_blocks else None)
         self.metadata_builder = MetadataBuilder(block_size, num_blocks, max_num_seqs, 64, self.device)
         # Pure-decode steps replay the model as a fixed list of kernel calls where it can (decode_graph.py).
         use_graph = not enforce_eager and decode_graph.unsupported(model, self.kv_caches, self.backend.name) is None

@@ -19,7 +19,8 @@ import pytest
 from pagedserve.bench.flops import ModelShape, request_flops
 from pagedserve.bench.metrics import RequestResult, serving_metrics, summarize
 from pagedserve.bench.serve import arrival_times, run_serve_benchmark
-from pagedserve.bench.workload import WorkloadItem, load_workload, workload_summary, write_workload
+from pagedserve.bench.multiturn import conversations
+from pagedserve.bench.workload import WorkloadItem, item_from_dict, load_workload, workload_summary, write_workload
 from pagedserve.cli import main
 
 # sha256 of the original stand-alone workload script's stdout (`python workload.py KIND --n N --seed S`),
@@ -357,3 +358,53 @@ print(json.dumps({{"engine": "vllm-cpu", "vllm_version": "0.0-fake", "dtype": "f
                "--num-threads", "1", "--peak-gflops", "100", "--baseline", "vllm", "--vllm-python", str(fake),
                "--save-result", str(out), "--quiet"])
     assert rc == 1 and "vLLM did not run" in capsys.readouterr().out
+
+
+# ---- bench multiturn on a tiny model -------------------------------------------------------
+def test_multiturn_workload_is_conversations_of_turns():
+    # The default file, on which docs/PERFORMANCE.md's multi-turn figures were measured, never changes.
+    assert hashlib.sha256(_workload_text("multiturn", 32, 0).encode()).hexdigest() == (
+        "60638ea647a5555ecf8d4fd684e6f293fa52ab69fdca1b9944edf6632e0f9fa2")
+    rows = [json.loads(line) for line in _workload_text("multiturn", 5, 2).splitlines()]
+    items = [item_from_dict(r, i + 1) for i, r in enumerate(rows)]
+    convs = conversations(items)
+    assert [c.id for c in convs] == [f"mt-{i}" for i in range(5)]
+    system = convs[0].turns[0].prompt_token_ids[:128]
+    for c in convs:
+        assert 3 <= len(c.turns) <= 8 and [t.turn for t in c.turns] == list(range(len(c.turns)))
+        assert c.turns[0].prompt_token_ids[:128] == system and c.turns[0].shared_prefix_len == 128
+        assert all(t.shared_prefix_len == 0 and 8 <= len(t.prompt_token_ids) <= 256 for t in c.turns[1:])
+    with pytest.raises(ValueError, match="names no conversation"):
+        conversations([WorkloadItem("x", [1, 2], 3)])
+
+
+def test_bench_multiturn_cli_tier_and_swap_answer_alike(tiny_model_dir, tmp_path, capsys):
+    """Eight conversations whose histories outgrow a 24-block pool: the tier restores what recompute computes
+    again, swap preempts without recompute, and every mode gives the same answers."""
+    rows = []
+    for r in (json.loads(line) for line in _workload_text("multiturn", 8, 1).splitlines()):
+        if r["turn"] < 4:  # at most 4 turns, and every id folded into the tiny vocabulary
+            r["prompt_token_ids"] = [3 + t % 300 for t in r["prompt_token_ids"][:40]]
+            r["max_tokens"] = min(r["max_tokens"], 12)
+            rows.append(r)
+    wl = tmp_path / "mt.jsonl"
+    _write_jsonl(wl, rows)
+    out = tmp_path / "mt.json"
+    rc = main(["bench", "multiturn", "--workload", str(wl), "--model", tiny_model_dir, "--dtype", "float32",
+               "--num-kv-blocks", "24", "--kv-offload-memory", "4MiB", "--concurrency", "8",
+               "--save-result", str(out), "--quiet"])
+    assert rc == 0
+    assert "every mode gave the same answers" in capsys.readouterr().out
+    r = json.loads(out.read_text())
+    runs = {x["mode"]: x for x in r["runs"]}
+    assert set(runs) == {"none", "tier", "swap"} and len({x["answers_sha256"] for x in r["runs"]}) == 1
+    turns = len(rows)
+    for x in runs.values():
+        assert x["num_turns"] == turns and x["num_conversations"] == 8
+        assert x["output_tokens"] == sum(row["max_tokens"] for row in rows)
+        assert x["working_set_blocks"] > x["num_kv_blocks"]  # the histories do not fit the pool
+        assert 0 < x["ttft_mean_s"] <= x["turn_latency_mean_s"]
+    assert runs["none"]["kv_offload_hits"] == 0
+    assert runs["tier"]["kv_offload_hits"] > 0
+    assert runs["tier"]["prefill_tokens_computed"] < runs["none"]["prefill_tokens_computed"]
+    assert runs["swap"]["num_swapped_out"] > 0

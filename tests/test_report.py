@@ -7,6 +7,7 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 from unittest import mock
 
 import pytest
@@ -29,7 +30,8 @@ from pagedserve.config import EngineConfig
 
 REPO = Path(__file__).resolve().parents[1]
 BUDGETS = (16, 64)  # blocks of 16 tokens; the tiny model's 256-token window is 16 blocks
-PNGS = ("memory.png", "budgets.png", "prefix.png", "sampling.png", "latency.png", "recompute.png")
+PNGS = ("memory.png", "budgets.png", "prefix.png", "sampling.png", "latency.png", "recompute.png", "beam.png")
+SECTIONS = 7
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +44,8 @@ def report(tiny_model_dir, tmp_path_factory):
             "--max-num-batched-tokens", "64",
             "--chat-requests", "8", "--budgets", ",".join(map(str, BUDGETS)), "--hf-budgets", "64",
             "--shared-requests", "8", "--sampling-prompts", "2", "--sampling-ns", "2,4",
-            "--serve-requests", "5", "--rate-multipliers", "0.5,4", "--recompute-lengths", "16,64"]
+            "--serve-requests", "5", "--rate-multipliers", "0.5,4", "--recompute-lengths", "16,64",
+            "--beam-prompts", "2", "--beam-widths", "2,4"]
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(sys, "argv", ["/venv/bin/pagedserve", *argv])  # as the console script sees it
         assert main(argv) == 0
@@ -56,7 +59,7 @@ def test_report_writes_plots_and_a_readme_with_every_section(report):
         data = (out / name).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000, name
         assert f"]({name})" in readme
-    for n in range(1, 7):
+    for n in range(1, SECTIONS + 1):
         section = re.search(rf"^## {n}\. .*?(?=^## )", readme, re.DOTALL | re.MULTILINE)
         assert section, f"section {n} missing"
         body = section.group(0)
@@ -130,6 +133,48 @@ def test_report_prefix_sampling_latency_and_recompute_numbers(report):
     assert all(r["cached_ms"] > 0 and r["recompute_ms"] > 0 for r in s["recompute"])
 
 
+def test_report_beam_search_numbers_are_consistent(report):
+    _, results, readme = report
+    sec = results["sections"]["beam"]
+    assert sec["batched"] and [r["beam_width"] for r in sec["runs"]] == [2, 4]
+    prompts = workload_items("chat", 8, 0, 0.1, 320)[:2]  # the first chat prompts, with their workload lengths
+    assert sec["workload"]["num_requests"] == 2
+    assert sec["workload"]["output_tokens"] == sum(it.max_tokens for it in prompts)
+    for r in sec["runs"]:
+        assert r["num_prompts"] == 2 and r["batched"] and r["steps"] > 0
+        assert r["num_preemptions"] == 0  # the pool holds every beam unshared
+        assert 0 < r["blocks_mean"] <= r["unshared_blocks_mean"] and r["blocks_peak"] <= r["unshared_blocks_peak"]
+        assert r["blocks_peak"] >= r["blocks_mean"] and r["unshared_blocks_peak"] >= r["unshared_blocks_mean"]
+        assert r["unshared_blocks_peak"] <= sec["num_kv_blocks"]
+        assert r["saving_mean"] == pytest.approx(1 - r["blocks_mean"] / r["unshared_blocks_mean"])
+        assert r["saving_peak"] == pytest.approx(1 - r["blocks_peak"] / r["unshared_blocks_peak"])
+        assert 0 <= r["saving_mean"] < 1 - 1 / r["beam_width"] + 1e-9  # k beams share at most all but one copy
+        assert r["beam_tokens"] == r["beam_width"] * sum(it.max_tokens for it in prompts)
+        assert r["beam_tokens_per_s"] == pytest.approx(r["beam_tokens"] / r["elapsed_s"])
+    section = readme[readme.index("## 7. Beam search"):]
+    assert "37.6-55.2%" in section and f"{100 * sec['runs'][-1]['saving_mean']:.1f}%" in section
+
+
+def test_beam_memory_runs_searches_one_at_a_time_or_batched(tiny_model_dir):
+    from benchmarks.beam_memory import measure
+    from pagedserve.engine import LLMEngine
+    engine = LLMEngine(model=tiny_model_dir, dtype="float32", block_size=4, enable_prefix_caching=False,
+                       num_threads=1)
+    prompts, lengths = [list(range(3, 20)), list(range(40, 50))], [6, 9]
+    one = measure(engine, prompts, lengths, 3, batched=False)
+    both = measure(engine, prompts, lengths, 3, batched=True)
+    for r in (one, both):
+        assert r["num_preemptions"] == 0 and r["beam_tokens"] == 3 * 15
+        assert r["blocks_peak"] <= r["unshared_blocks_peak"] and r["blocks_mean"] <= r["unshared_blocks_mean"]
+        assert r["saving_mean"] > 0  # the 17- and 10-token prompts' full blocks are shared by their 3 beams
+    assert both["steps"] < one["steps"]  # batched: the searches step together
+    assert both["unshared_blocks_peak"] > one["unshared_blocks_peak"]  # and hold their beams at once
+    assert not engine.has_unfinished_requests() and engine.stats()["kv_blocks_used"] == 0
+    cached = SimpleNamespace(config=engine.config.replace(enable_prefix_caching=True))
+    with pytest.raises(ValueError, match="prefix caching off"):  # other sharing would count as the beams'
+        measure(cached, prompts, lengths, 2, batched=True)
+
+
 # ---- pure helpers ----------------------------------------------------------------------------
 def _item(i: int, prompt: int, out: int) -> WorkloadItem:
     return WorkloadItem(f"r{i}", list(range(1, prompt + 1)), out)
@@ -199,7 +244,8 @@ def test_the_installed_package_holds_no_report_or_timing_scripts():
     assert not list(REPO.glob("pagedserve/**/*_timing.py"))
     # pyproject's packages.find include: the wheel holds pagedserve* only
     assert not any(p.startswith("benchmarks") for p in find_packages(str(REPO), include=["pagedserve*"]))
-    for name in ("report", "report_runs", "report_server", "report_render", "forward_timing", "decode_timing"):
+    for name in ("report", "report_runs", "report_server", "report_render", "forward_timing", "decode_timing",
+                 "beam_memory"):
         assert (REPO / "benchmarks" / f"{name}.py").is_file()
 
 

@@ -1,4 +1,4 @@
-"""`pagedserve bench workload | throughput | quantization | serve | report`.
+"""`pagedserve bench workload | throughput | multiturn | quantization | serve | report`.
 
 pagedserve.cli calls add_subcommands(bench_subparsers, add_engine_args); each subcommand
 sets func(args) -> exit code. The evidence report is not part of the installed package: it
@@ -22,6 +22,7 @@ WORKLOAD_HELP = "workload .jsonl from `pagedserve bench workload`"
 def add_subcommands(sub, add_engine_args) -> None:
     _add_workload(sub)
     _add_throughput(sub, add_engine_args)
+    _add_multiturn(sub, add_engine_args)
     _add_quantization(sub)
     _add_serve(sub)
     _add_report(sub, add_engine_args)
@@ -43,15 +44,17 @@ def _add_workload(sub) -> None:
                        description="Write n requests (prompt token ids, exact output lengths) as JSON lines, one "
                                    '{"id", "prompt_token_ids", "max_tokens", "shared_prefix_len"} object per '
                                    "line. chat: independent prompts with log-normal lengths; shared: 80% start "
-                                   "with one 256-token system prompt. The same arguments give the same bytes.")
+                                   "with one 256-token system prompt; multiturn: conversations of 3-8 turns, one "
+                                   "line per turn (for `bench multiturn`). The same arguments give the same bytes.")
     p.add_argument("kind", choices=KINDS, help="which workload")
-    p.add_argument("--n", type=int, default=128, help="number of requests")
+    p.add_argument("--n", type=int, default=None,
+                   help="number of requests; for multiturn, of conversations, 32 unless given (default: 128)")
     p.add_argument("--seed", type=int, default=0, help="seed of the draw")
     p.set_defaults(func=cmd_workload)
 
 
 def cmd_workload(args) -> int:
-    if args.n < 0:
+    if args.n is not None and args.n < 0:
         raise ValueError(f"--n must be >= 0, got {args.n}")
     try:
         write_workload(args.kind, sys.stdout, n=args.n, seed=args.seed)
@@ -60,6 +63,63 @@ def cmd_workload(args) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
     return 0
+
+
+# ---- multiturn ------------------------------------------------------------------------------
+def _add_multiturn(sub, add_engine_args) -> None:
+    from pagedserve.bench.multiturn import MODES
+    p = sub.add_parser("multiturn", help="multi-turn conversations against the engine, without and with the second "
+                                         "KV tier and swap preemption, side by side",
+                       description="Each conversation sends its next turn, with its whole history (the engine's own "
+                                   "answers included), once its last answer is complete; --concurrency conversations "
+                                   "at a time. The same conversations run once per --modes entry in this process: "
+                                   "none (no tier), tier (--kv-offload-memory, recompute preemption), swap (the tier, "
+                                   "swap preemption).")
+    p.add_argument("--workload", required=True, help="multiturn .jsonl from `pagedserve bench workload multiturn`")
+    p.add_argument("--num-conversations", type=int, default=None, help="use only the first N conversations")
+    p.add_argument("--concurrency", type=int, default=16, help="conversations in flight at once")
+    p.add_argument("--modes", default=",".join(MODES), help=f"comma-separated, among {', '.join(MODES)}")
+    p.add_argument("--save-result", default=None, help="write every number, the machine, date and command to this JSON file")
+    p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    add_engine_args(p)
+    p.set_defaults(func=cmd_multiturn)
+
+
+def cmd_multiturn(args) -> int:
+    from pagedserve.bench.multiturn import conversations, run_modes
+    from pagedserve.cli import engine_config
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    convs = conversations(load_workload(args.workload))[:args.num_conversations]
+    if args.concurrency < 1:
+        raise ValueError(f"--concurrency must be >= 1, got {args.concurrency}")
+    base = engine_config(args)
+    tier = base.kv_offload_memory or "4GiB"
+    runs = run_modes(base.replace(preemption_mode="recompute"), convs, modes, tier, args.concurrency, not args.quiet)
+    result = {**result_header(args), "workload": {"file": args.workload, "num_conversations": len(convs),
+                                                  "num_turns": sum(len(c.turns) for c in convs)},
+              "kv_offload_memory": tier, "runs": runs}
+    print(format_multiturn(result))
+    if args.save_result:
+        save_result(args.save_result, result)
+        print(f"saved {args.save_result}")
+    same = len({r["answers_sha256"] for r in runs}) == 1
+    return 0 if same else 1
+
+
+def format_multiturn(result: dict) -> str:
+    runs = result["runs"]
+    head = runs[0]
+    rows = [[r["mode"], r["prompt_tokens_submitted"], r["prefill_tokens_computed"], f"{r['prefix_hit_rate']:.1%}",
+             r["kv_offload_hits"], r["num_preemptions"], r["num_swapped_out"], r["ttft_mean_s"], r["ttft_p90_s"],
+             r["output_tokens_per_s"], r["total_tokens_per_s"], r["elapsed_s"]] for r in runs]
+    table = format_table(["mode", "prompt tok sent", "prefill computed", "hit rate", "tier hits", "preempt", "swaps",
+                          "TTFT mean s", "TTFT p90 s", "out tok/s", "total tok/s", "seconds"], rows)
+    same = len({r["answers_sha256"] for r in runs}) == 1
+    return (f"{head['num_conversations']} conversations, {head['num_turns']} turns, {head['concurrency']} at once; "
+            f"pool {head['num_kv_blocks']} blocks of {head['block_size']} tokens, working set up to "
+            f"{max(r['working_set_blocks'] for r in runs)} blocks; tier {result['kv_offload_memory']} "
+            f"({max(r['kv_offload_blocks'] for r in runs)} blocks)\n{table}\n"
+            + ("every mode gave the same answers" if same else "THE MODES GAVE DIFFERENT ANSWERS"))
 
 
 # ---- throughput -----------------------------------------------------------------------------

@@ -10,13 +10,17 @@ no specials, so no tokenizer is needed to make a workload.
     pagedserve bench workload chat   > chat.jsonl     # 128 independent prompts
     pagedserve bench workload shared > shared.jsonl   # 80% of them share one 256-token system prompt
     pagedserve bench workload chat --n 32 --seed 1    # a smaller or another draw
+    pagedserve bench workload multiturn > mt.jsonl    # 32 conversations of 3-8 turns (bench multiturn)
 
 Each line is one JSON object (json.dumps' default separators), in request order:
 
     {"id": str, "prompt_token_ids": [int], "max_tokens": int, "shared_prefix_len": int}
 
 `shared_prefix_len` is how many leading prompt tokens are the shared system prompt (0 for
-chat). The generators are the benchmark suite's original stand-alone workload script, moved
+chat). A multiturn line is one turn of a conversation and adds `"conversation": str, "turn": int`;
+its prompt_token_ids are only what the user adds in that turn (the first turn starts with the
+system prompt): `pagedserve bench multiturn` sends each turn with the whole conversation so far,
+the engine's own answers included. The generators are the benchmark suite's original stand-alone workload script, moved
 here unchanged: the same kind, n and seed give byte for byte the same file (a test pins a digest).
 """
 from __future__ import annotations
@@ -29,7 +33,7 @@ from typing import TextIO
 import numpy as np
 
 VOCAB_LO, VOCAB_HI = 1000, 40000  # ordinary tokens of a 49k vocabulary, no specials
-KINDS = ("chat", "shared")
+KINDS = ("chat", "shared", "multiturn")
 
 
 # ---- generators ------------------------------------------------------------------------------
@@ -63,16 +67,34 @@ def shared(n: int = 128, seed: int = 0, system_len: int = 256, share: float = 0.
                "max_tokens": int(o[i]), "shared_prefix_len": len(prefix)}
 
 
+def multiturn(n: int = 32, seed: int = 0, system_len: int = 128, user_median: int = 48,
+              output_median: int = 64) -> Iterator[dict]:
+    """n conversations of 3-8 turns, all opening with one system prompt; each turn adds a log-normal user
+    message in [8, 256] tokens and asks for a log-normal answer in [8, 256]. Conversations are interleaved the
+    way chat users are: every history grows turn by turn, so their working set is many times one prompt."""
+    rng = np.random.default_rng(seed)
+    system = rng.integers(VOCAB_LO, VOCAB_HI, system_len).tolist()
+    for c in range(n):
+        turns = int(rng.integers(3, 9))
+        user = _lengths(rng, turns, user_median, 0.6, 8, 256)
+        out = _lengths(rng, turns, output_median, 0.6, 8, 256)
+        for t in range(turns):
+            prefix = system if t == 0 else []
+            yield {"id": f"mt-{c}-{t}", "prompt_token_ids": prefix + rng.integers(VOCAB_LO, VOCAB_HI, user[t]).tolist(),
+                   "max_tokens": int(out[t]), "shared_prefix_len": len(prefix), "conversation": f"mt-{c}", "turn": t}
+
+
 def generate(kind: str, **kwargs) -> Iterator[dict]:
-    """The `chat` or `shared` generator by name, with its keyword arguments."""
+    """A generator by name (chat, shared, multiturn), with its keyword arguments."""
     if kind not in KINDS:
         raise ValueError(f"workload kind must be one of {', '.join(KINDS)}, got {kind!r}")
-    return (chat if kind == "chat" else shared)(**kwargs)
+    return {"chat": chat, "shared": shared, "multiturn": multiturn}[kind](**kwargs)
 
 
-def write_workload(kind: str, out: TextIO, n: int = 128, seed: int = 0) -> None:
-    """The workload as JSON lines on out, exactly as the original script printed it."""
-    for r in generate(kind, n=n, seed=seed):
+def write_workload(kind: str, out: TextIO, n: int | None = None, seed: int = 0) -> None:
+    """The workload as JSON lines on out, exactly as the original script printed it (n: requests, or
+    conversations for multiturn; None: the generator's default)."""
+    for r in generate(kind, seed=seed, **({} if n is None else {"n": n})):
         out.write(json.dumps(r) + "\n")
 
 
@@ -83,6 +105,8 @@ class WorkloadItem:
     prompt_token_ids: list[int]
     max_tokens: int
     shared_prefix_len: int = 0
+    conversation: str | None = None  # multiturn: the conversation this turn belongs to, and its index there
+    turn: int = 0
 
     @property
     def prompt_len(self) -> int:
@@ -99,7 +123,9 @@ def item_from_dict(d: dict, line_no: int = 0) -> WorkloadItem:
         raise ValueError(f"{where}: needs prompt_token_ids (a list of ints) and max_tokens (an int): {e}") from None
     if not ids or max_tokens < 1:
         raise ValueError(f"{where}: needs a non-empty prompt and max_tokens >= 1")
-    return WorkloadItem(str(d.get("id", line_no)), ids, max_tokens, int(d.get("shared_prefix_len", 0)))
+    conversation = d.get("conversation")
+    return WorkloadItem(str(d.get("id", line_no)), ids, max_tokens, int(d.get("shared_prefix_len", 0)),
+                        None if conversation is None else str(conversation), int(d.get("turn", 0)))
 
 
 def load_workload(path: str, num_requests: int | None = None) -> list[WorkloadItem]:

@@ -154,15 +154,16 @@ class OffloadTier:
 
 # ---- the slot tensor and the copies, run by the model runner -------------------------------------------
 def tier_storage(num_slots: int, num_layers: int, block_shape: tuple[int, ...], dtype: torch.dtype,
-                 directory: str | None = None) -> torch.Tensor:
+                 directory: str | None = None, pin_memory: bool = False) -> torch.Tensor:
     """The tier's slots: [num_slots, num_layers, 2 (K, V), *block_shape], one slot's layers contiguous.
 
-    In host memory, or with directory a memory-mapped file there (unlinked at once: it lives as long as the
-    tensor, and the OS pages it between RAM and disk, so the tier may be larger than RAM).
+    In host memory (page-locked with pin_memory, for a CUDA pool's copies), or with directory a memory-mapped
+    file there (unlinked at once: it lives as long as the tensor, and the OS pages it between RAM and disk,
+    so the tier may be larger than RAM).
     """
     shape = (num_slots, num_layers, 2, *block_shape)
-    if directory is None:
-        return torch.zeros(shape, dtype=dtype)
+    if directory is None:  # empty, not zeros: on the CPU, pages are committed as slots are first written
+        return torch.empty(shape, dtype=dtype, pin_memory=pin_memory)
     os.makedirs(directory, exist_ok=True)
     fd, path = tempfile.mkstemp(prefix="pagedserve-kv-", suffix=".bin", dir=directory)
     try:
