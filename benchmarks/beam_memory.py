@@ -109,12 +109,12 @@ def main() -> None:
         path = default_model_path()
         ref = AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
                                                    dtype=torch.float32).eval()
-    print(f"{len(prompts)} prompts (mean {statistics.mean(map(len, prompts)):.0f} tokens), "
-          f"{'their workload lengths' if args.full_lengths else args.max_tokens} new tokens each "
-          f"(mean {statistics.mean(lengths):.0f}), ignore_eos, {'batched' if args.batched else 'one at a time'}"
-          f"{' (transformers one at a time)' if args.batched and ref is not None else ''}, block size "
-          f"{engine.config.block_size}, {engine.stats(detailed=False)['num_kv_blocks']} KV blocks, "
-          f"{torch.get_num_threads()} threads")
+    new = (f"their workload's output lengths (mean {statistics.mean(lengths):.0f} new tokens)" if args.full_lengths
+           else f"{args.max_tokens} new tokens each")
+    how = "batched" + (" (transformers one at a time)" if ref is not None else "") if args.batched else "one at a time"
+    print(f"{len(prompts)} prompts (mean {statistics.mean(map(len, prompts)):.0f} tokens), {new}, ignore_eos, "
+          f"{how}, block size {engine.config.block_size}, {engine.stats(detailed=False)['num_kv_blocks']} KV "
+          f"blocks, {torch.get_num_threads()} threads")
     print(f"{'width':>5} {'mean blocks':>11} {'unshared':>9} {'saved':>6} {'peak':>5} {'unshared':>9} {'saved':>6}"
           f" {'preempt':>7} {'ours tok/s':>10} {'hf tok/s':>9} {'ratio':>6}")
     for k in map(int, args.widths.split(",")):

@@ -314,8 +314,9 @@ def beam_claim(section: dict, sampling: list[dict] | None = None) -> Claim:
            f"{runs[-1]['beam_width']}); the paper measured {paper} for widths 2-6 with OPT-13B. ")
     same_n = [(r, x) for r in runs for x in sampling or [] if x["n"] == r["beam_width"]]
     if same_n:
-        why += ("Section 4's parallel samples of the first chat prompts saved " + ", ".join(
-            f"{pct(x['saving_mean'])} at n={x['n']} (beams: {pct(r['saving_mean'])})" for r, x in same_n) + ". ")
+        why += (f"Section 4's parallel samples of the first {same_n[0][1]['num_prompts']} chat prompts saved "
+                + ", ".join(f"{pct(x['saving_mean'])} at n={x['n']} (beams: {pct(r['saving_mean'])})"
+                            for r, x in same_n) + ". ")
     why += ("The verdict asks what the mechanism predicts: a saving at every width, growing with the width; the "
             "paper's percentages, from another model and workload, are stated beside ours, not used as a bar.")
     return Claim("7. Beam search",

@@ -459,6 +459,33 @@ def test_shared_prefix_cache(model_dir):
         assert cached("key-two") > 0  # one cache for everyone, by choice
 
 
+def test_the_second_kv_tier_serves_each_key_only_its_own_blocks(model_dir):
+    """A server with a small pool, a tier and swap preemption: a prompt pushed out of the pool comes back from
+    the tier for the key that sent it, never for another key, and the answer is the same."""
+    config = ServerConfig(identities=load_identities(["key-one", "key-two"]))
+    prompt = [3 + (17 * i) % 290 for i in range(100)]
+    fillers = [[3 + (31 * i + 7 * k) % 290 for i in range(80)] for k in range(1, 5)]
+    with running_server(model_dir, config, num_kv_blocks=24, kv_offload_memory="4MiB",
+                        preemption_mode="swap") as (base, _):
+        def complete(key: str, tokens: list[int]) -> tuple[str, int]:
+            r = httpx.post(f"{base}/v1/completions", headers={"Authorization": f"Bearer {key}"},
+                           json={"prompt": tokens, "max_tokens": 4, "temperature": 0, "ignore_eos": True})
+            assert r.status_code == 200, r.text
+            return r.json()["choices"][0]["text"], r.json()["usage"]["prompt_tokens_details"]["cached_tokens"]
+
+        def tier_hits() -> float:
+            return wait_idle(base, {"Authorization": "Bearer key-one"})["pagedserve:kv_offload_hits_total"]
+
+        text, cached = complete("key-one", prompt)
+        assert cached == 0
+        for f in fillers:  # 4 x 80 tokens through a pool of 24 blocks of 8: the prompt's blocks go to the tier
+            complete("key-one", f)
+        before = tier_hits()
+        assert complete("key-two", prompt) == (text, 0) and tier_hits() == before
+        again, cached = complete("key-one", prompt)
+        assert again == text and cached >= 96 and tier_hits() >= before + 96
+
+
 def test_request_body_limit(model_dir):
     config = ServerConfig(max_request_bytes=2000, identities=load_identities(["key-one"]))
     auth = {"Authorization": "Bearer key-one"}
