@@ -24,6 +24,7 @@ from pagedserve.bench.workload import workload_summary
 POLICIES = ["none", "request", "max_model_len"]
 LATENCY_POLICIES = ["none", "max_model_len"]
 REPORT_MAX_MODEL_LEN = 2048  # OPT's window, as in the paper; the reservation baseline reserves this much
+DEFAULT_TIER = "2GiB"  # the second KV tier of sections 8-9 unless --kv-offload-memory says otherwise
 
 
 @dataclass
@@ -40,11 +41,18 @@ class ReportPlan:
     recompute_lengths: list[int]
     beam_prompts: int
     beam_widths: list[int]
+    tier_conversations: int          # section 8: multiturn conversations, this many at once, in this pool
+    tier_concurrency: int
+    tier_pool_blocks: int
+    swap_block_sizes: list[int]      # section 9: block sizes; chat requests in a pool of this many tokens
+    swap_requests: int
+    swap_pool_tokens: int
+    swap_context_tokens: int         # section 9: the context restored by the mechanism alone
     serve_budget: int | None = None   # KV blocks of the server (default: the smallest budget)
     rates: list[float] | None = None  # explicit request rates (override the multipliers)
     workload_scale: float = 1.0
     seed: int = 0
-    sections: list[int] = field(default_factory=lambda: [1, 2, 3, 4, 5, 6, 7])
+    sections: list[int] = field(default_factory=lambda: [1, 2, 3, 4, 5, 6, 7, 8, 9])
 
 
 # Sized for two shared CPU cores at 100-400 output tokens/s: full about 20 minutes, quick about 5.
@@ -53,10 +61,13 @@ class ReportPlan:
 FULL = ReportPlan(chat_requests=24, budgets=[256, 512, 1024], hf_budgets=[1024], shared_requests=24,
                   sampling_prompts=4, sampling_ns=[2, 4, 6], serve_requests=20, rate_multipliers=[0.5, 1.0, 2.0],
                   recompute_lengths=[64, 128, 256, 512, 1024, 2000], beam_prompts=8, beam_widths=[2, 4, 6],
-                  serve_budget=256)
+                  tier_conversations=16, tier_concurrency=16, tier_pool_blocks=128, swap_block_sizes=[8, 16, 32, 64],
+                  swap_requests=16, swap_pool_tokens=2048, swap_context_tokens=1024, serve_budget=256)
 QUICK = ReportPlan(chat_requests=8, budgets=[256, 1024], hf_budgets=[1024], shared_requests=8,
                    sampling_prompts=2, sampling_ns=[2, 6], serve_requests=8, rate_multipliers=[0.5, 2.0],
-                   recompute_lengths=[64, 256, 1024], beam_prompts=2, beam_widths=[2, 4], serve_budget=256)
+                   recompute_lengths=[64, 256, 1024], beam_prompts=2, beam_widths=[2, 4], tier_conversations=6,
+                   tier_concurrency=6, tier_pool_blocks=128, swap_block_sizes=[8, 32], swap_requests=6,
+                   swap_pool_tokens=2048, swap_context_tokens=512, serve_budget=256)
 
 
 # ---- command line -----------------------------------------------------------------------------
@@ -94,6 +105,13 @@ _PLAN_FLAGS = {  # flag -> (type, help); each overrides the preset's field of th
     "recompute_lengths": (_ints, "context lengths of section 6"),
     "beam_prompts": (int, "chat prompts of section 7 (a beam search each, all submitted at once)"),
     "beam_widths": (_ints, "beam widths of section 7"),
+    "tier_conversations": (int, "multiturn conversations of section 8"),
+    "tier_concurrency": (int, "conversations in flight at once in section 8"),
+    "tier_pool_blocks": (int, "KV pool of section 8, in blocks (the histories should outgrow it)"),
+    "swap_block_sizes": (_ints, "block sizes of section 9"),
+    "swap_requests": (int, "chat requests of section 9's end-to-end runs"),
+    "swap_pool_tokens": (int, "KV pool of section 9's end-to-end runs, in tokens at every block size"),
+    "swap_context_tokens": (int, "the context section 9 restores by copies or by a forward"),
     "workload_scale": (float, ("multiply the workload generators' length medians (1: as the paper-like defaults; "
                               "smaller for tiny test models)")),
     "sections": (_ints, "sections to run, e.g. 1,2,3 (default all)"),
@@ -110,6 +128,9 @@ def add_subcommand(sub, add_engine_args) -> None:
     p.add_argument("--out", default="docs/report", help="output folder")
     p.add_argument("--quick", action="store_true", help="a smaller draw: fewer requests, budgets and rates (minutes)")
     p.add_argument("--render-only", action="store_true", help="redraw plots and README from --out/results.json")
+    p.add_argument("--keep-sections", action="store_true",
+                   help="keep the sections of --out/results.json this run does not measure (the README names the "
+                        "run they came from); without it a run replaces the whole file")
     p.add_argument("--quiet", action="store_true", help="no progress lines within a run")
     g = p.add_argument_group("plan (each overrides the --quick or full preset)")
     for name, (typ, help_text) in _PLAN_FLAGS.items():
@@ -186,6 +207,12 @@ def run_report(args, plan: ReportPlan) -> dict:
                "loadavg": {"start": os.getloadavg()[0]}, "sections": {}}
     progress = not args.quiet
     path = os.path.join(args.out, "results.json")
+    if getattr(args, "keep_sections", False) and os.path.exists(path):
+        with open(path) as f:
+            earlier = json.load(f)
+        results["sections"] = dict(earlier["sections"])
+        results["workloads"] = {**earlier["workloads"], **results["workloads"]}
+        results["earlier"] = {k: earlier.get(k) for k in ("date", "command", "plan", "machine", "earlier")}
 
     def done(name: str, value) -> None:
         results["sections"][name] = value
@@ -194,6 +221,7 @@ def run_report(args, plan: ReportPlan) -> dict:
         save_result(path, results)
 
     want = set(plan.sections)
+    tier_memory = base.kv_offload_memory or DEFAULT_TIER  # sections 8-9's second tier
     if want & {1, 2}:
         budgets = plan.budgets if 2 in want else [max(plan.budgets)]
         log(f"sections 1-2: {len(chat)} chat requests at KV budgets {budgets} blocks ({threads} torch threads)")
@@ -238,6 +266,18 @@ def run_report(args, plan: ReportPlan) -> dict:
         prompts = chat[:plan.beam_prompts]
         log(f"section 7: beam search widths {plan.beam_widths} on {len(prompts)} chat prompts, all at once")
         done("beam", runs.beam_search(base, prompts, plan.beam_widths, log))
+    if 8 in want:
+        multiturn = items("multiturn", plan.tier_conversations)
+        results["workloads"]["multiturn"] = {"call": _call("multiturn", plan.tier_conversations, plan),
+                                             **workload_summary(multiturn)}
+        log(f"section 8: a second KV tier on multi-turn conversations")
+        done("tier", runs.kv_tier(base, multiturn, plan.tier_pool_blocks, tier_memory, plan.tier_concurrency, log,
+                                  progress))
+    if 9 in want:
+        log(f"section 9: swap or recompute preemption at block sizes {plan.swap_block_sizes}")
+        done("swap", runs.swap_or_recompute(base, chat[:plan.swap_requests], plan.swap_block_sizes,
+                                            plan.swap_pool_tokens, plan.swap_context_tokens, tier_memory, log,
+                                            progress))
     results["machine_end"] = machine_info()
     results["loadavg"]["end"] = os.getloadavg()[0]
     results["elapsed_s"] = time.perf_counter() - start

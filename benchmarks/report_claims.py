@@ -338,3 +338,57 @@ def _where(values: list[float], paper: tuple[float, float]) -> str:
     if hi < paper[0]:
         return "ours below it"
     return "ours within it" if paper[0] <= lo and hi <= paper[1] else "ours overlapping it"
+
+
+# ---- 8 ----------------------------------------------------------------------------------------
+def tier_claim(section: dict) -> Claim:
+    runs = {r["mode"]: r for r in section["runs"]}
+    none, tier, swap = runs["none"], runs["tier"], runs["swap"]
+    same = len({r["answers_sha256"] for r in section["runs"]}) == 1
+    fewer = tier["prefill_tokens_computed"] < none["prefill_tokens_computed"]
+    sooner = tier["ttft_mean_s"] < none["ttft_mean_s"]
+    measured = (f"prefill tokens computed: {none['prefill_tokens_computed']:,} without the tier, "
+                f"{tier['prefill_tokens_computed']:,} with it ({pct(1 - tier['prefill_tokens_computed'] / none['prefill_tokens_computed'])} fewer), "
+                f"{swap['prefill_tokens_computed']:,} with swap; hit rate {pct(none['prefix_hit_rate'])} -> "
+                f"{pct(tier['prefix_hit_rate'])}; mean TTFT {none['ttft_mean_s']:.2f} s -> {tier['ttft_mean_s']:.2f} s; "
+                f"output {none['output_tokens_per_s']:.0f} -> {tier['output_tokens_per_s']:.0f} tok/s; "
+                f"answers {'identical' if same else 'DIFFERENT'} in all three runs")
+    verdict = NOT_HELD if not (same and fewer) else HELD if sooner else PARTLY
+    why = (f"{none['num_conversations']} conversations, {section['concurrency']} at once, each turn sent with its "
+           f"whole history; the histories reach {max(r['working_set_blocks'] for r in section['runs'])} blocks "
+           f"against a pool of {section['num_kv_blocks']}, so most of a conversation's blocks are evicted before "
+           f"its next turn. Without the tier they are computed again; with it they are copied back "
+           f"({tier['kv_offload_hits']:,} tokens). The verdict asks only the direction the mechanism predicts, with "
+           f"the answers unchanged: fewer prefill tokens (else: did not hold) and a sooner first token (else: "
+           f"partly).")
+    return Claim("8. A second KV tier", "(Not the paper's: vLLM's KV offloading, SGLang's HiCache, llama.cpp's host "
+                 "prompt cache.) Prefixes the pool evicted come back from a larger, slower tier instead of being "
+                 "recomputed.", measured, verdict, why)
+
+
+# ---- 9 ----------------------------------------------------------------------------------------
+def swap_claim(section: dict) -> Claim:
+    mech = section["mechanism"]
+    small, large = mech[0], mech[-1]
+
+    def swap_s(r: dict) -> float:
+        return r["swap_out_s"] + r["swap_in_s"]
+    e2e = {(r["block_size"], r["mode"]): r for r in section["end_to_end"]}
+    ratios = [e2e[(r["block_size"], "swap")]["elapsed_s"] / e2e[(r["block_size"], "recompute")]["elapsed_s"]
+              for r in mech if (r["block_size"], "swap") in e2e]
+    measured = (f"restoring {section['context_tokens']} tokens: copies out and back "
+                + ", ".join(f"{1e3 * swap_s(r):.1f} ms at block size {r['block_size']}" for r in mech)
+                + f"; recomputing {1e3 * small['recompute_s']:.0f}-{1e3 * large['recompute_s']:.0f} ms. End to end, "
+                f"swap's time / recompute's: " + ", ".join(f"{x:.2f}" for x in ratios))
+    grows_small = swap_s(small) > swap_s(large)
+    recompute_wins_small = small["recompute_s"] < swap_s(small)
+    verdict = HELD if grows_small and recompute_wins_small else PARTLY if grows_small else NOT_HELD
+    why = ("The paper swaps between GPU and CPU memory over PCIe, where a small block is a small, inefficient "
+           "transfer, and finds recomputation faster at small block sizes and the two comparable from 16-64 on. "
+           "Here both pools are in host memory: a swap is a memcpy per layer, against a forward over the whole "
+           "context. The verdict asks the two things the paper's figure shows: copies costlier at the smallest "
+           "block size than at the largest, and recomputing cheaper than copying at the smallest (both: held; "
+           "the first only: partly).")
+    return Claim("9. Swap or recompute", "Figure 19: swapping costs more than recomputing at small block sizes "
+                 "(many small transfers); recomputation's cost does not depend on the block size.",
+                 measured, verdict, why)

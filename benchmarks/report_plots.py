@@ -198,3 +198,63 @@ def beam(section: dict, path: str) -> None:
     _savings(axes[1], widths, runs, PAPER_BEAM_SAVING, "beam width")
     axes[1].set_title("Beam search: memory saved by sharing blocks", fontsize=10)
     _save(fig, path)
+
+
+def tier(section: dict, path: str) -> None:
+    """Section 8: prefill tokens computed and time to first token per mode."""
+    runs = section["runs"]
+    modes = [r["mode"] for r in runs]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    ax = axes[0]
+    ax.bar(modes, [r["prefill_tokens_computed"] for r in runs], color="#1b9e77", label="computed")
+    ax.axhline(runs[0]["prompt_tokens_submitted"], color="#999999", linestyle="--", label="prompt tokens sent")
+    ax.set_ylabel("prefill tokens")
+    ax.set_title(f"Prefill computed ({runs[0]['num_conversations']} conversations, pool "
+                 f"{section['num_kv_blocks']} blocks)", fontsize=10)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3, axis="y")
+    ax = axes[1]
+    xs = range(len(runs))
+    ax.bar([x - 0.2 for x in xs], [r["ttft_mean_s"] for r in runs], width=0.4, color="#7570b3", label="mean")
+    ax.bar([x + 0.2 for x in xs], [r["ttft_p90_s"] for r in runs], width=0.4, color="#d95f02", label="p90")
+    ax.set_xticks(list(xs))
+    ax.set_xticklabels(modes)
+    ax.set_ylabel("time to first token (s)")
+    ax.set_title("Time to first token per turn", fontsize=10)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3, axis="y")
+    _save(fig, path)
+
+
+def swap(section: dict, path: str) -> None:
+    """Section 9: the mechanism's cost by block size, and end-to-end time by block size per mode."""
+    mech, e2e = section["mechanism"], section["end_to_end"]
+    sizes = [r["block_size"] for r in mech]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    ax = axes[0]
+    ax.plot(sizes, [1e3 * (r["swap_out_s"] + r["swap_in_s"]) for r in mech], marker="o", color="#1b9e77",
+            label="swap: copies out and back")
+    ax.plot(sizes, [1e3 * r["recompute_s"] for r in mech], marker="s", color="#d95f02", label="recompute: a forward")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xticks(sizes)
+    ax.set_xticklabels([str(s) for s in sizes])
+    ax.set_xlabel("block size (tokens)")
+    ax.set_ylabel("ms")
+    ax.set_title(f"Restoring a {section['context_tokens']}-token context", fontsize=10)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3, which="both")
+    ax = axes[1]
+    for mode, color in (("recompute", "#d95f02"), ("swap", "#1b9e77")):
+        rows = [r for r in e2e if r["mode"] == mode]
+        ax.plot([r["block_size"] for r in rows], [r["elapsed_s"] for r in rows], marker="o", color=color, label=mode)
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(sizes)
+    ax.set_xticklabels([str(s) for s in sizes])
+    ax.set_xlabel("block size (tokens)")
+    ax.set_ylabel("seconds for the workload")
+    ax.set_title(f"End to end: {section['workload']['num_requests']} requests, pool of {section['pool_tokens']} tokens",
+                 fontsize=10)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    _save(fig, path)

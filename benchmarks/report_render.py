@@ -8,7 +8,8 @@ from benchmarks.report_claims import Claim, pct
 from pagedserve.bench.results import fmt
 
 FIGURES = {"budgets": "memory.png", "budgets_line": "budgets.png", "prefix": "prefix.png",
-           "sampling": "sampling.png", "latency": "latency.png", "recompute": "recompute.png", "beam": "beam.png"}
+           "sampling": "sampling.png", "latency": "latency.png", "recompute": "recompute.png", "beam": "beam.png",
+           "tier": "tier.png", "swap": "swap.png"}
 
 
 def md_table(headers: list[str], rows: list[list]) -> str:
@@ -51,6 +52,12 @@ def render(results: dict, out: str) -> str:
     if s.get("beam"):
         plots.beam(s["beam"], os.path.join(out, FIGURES["beam"]))
         add(claims.beam_claim(s["beam"], s.get("sampling")), _beam_body(s["beam"]))
+    if s.get("tier"):
+        plots.tier(s["tier"], os.path.join(out, FIGURES["tier"]))
+        add(claims.tier_claim(s["tier"]), _tier_body(s["tier"]))
+    if s.get("swap"):
+        plots.swap(s["swap"], os.path.join(out, FIGURES["swap"]))
+        add(claims.swap_claim(s["swap"]), _swap_body(s["swap"]))
 
     text = "\n".join([_header(results), _summary(summary), *parts, _footer(results)])
     with open(os.path.join(out, "README.md"), "w") as f:
@@ -73,7 +80,7 @@ Every number here is in [results.json](results.json); the paper is Kwon et al., 
 Management for Large Language Model Serving with PagedAttention*, SOSP 2023.
 
 - **Command:** `{r['command']}`
-- **Date:** {r['date']} (the run took {r.get('elapsed_s', 0) / 60:.1f} min)
+- **Date:** {r['date']} (the run took {r.get('elapsed_s', 0) / 60:.1f} min){_earlier(r)}
 - **Machine:** {m['cpu']}, {m['cpu_count']} cores ({', '.join(m.get('cpu_flags', []))}), {m['platform']},
   Python {m['python']}, torch {m.get('torch', '?')}
 - **Threads:** {r['threads']} torch thread(s) per engine. Why: {r['threads_reason']}.
@@ -91,6 +98,16 @@ Management for Large Language Model Serving with PagedAttention*, SOSP 2023.
 """
 
 
+def _earlier(r: dict) -> str:
+    """Where sections kept from an earlier run (--keep-sections) came from."""
+    e, lines = r.get("earlier"), []
+    while e:
+        lines.append(f"\n- **Kept from an earlier run** (`--keep-sections`): sections this run did not measure "
+                     f"come from `{e['command']}` on {e['date']}; its plan: {e['plan']}")
+        e = e.get("earlier")
+    return "".join(lines)
+
+
 def _summary(cs: list[Claim]) -> str:
     rows = [[c.section, c.paper, c.measured, f"**{c.verdict}**"] for c in cs]
     return "## Summary\n\n" + md_table(["section", "the paper", "measured here", "verdict"], rows) + "\n"
@@ -101,7 +118,7 @@ def _footer(r: dict) -> str:
     plan = ", ".join(f"{k}={v}" for k, v in p.items())
     return (f"## How this was measured\n\nPlan (`ReportPlan` in benchmarks/report.py): {plan}.\n\n"
             f"Each engine run submits all its requests at once "
-            f"(sections 1-4 and 7) and steps until the last finishes; timing excludes model loading. Shares of KV "
+            f"(sections 1-4, 7 and 9) and steps until the last finishes; timing excludes model loading. Shares of KV "
             f"slots come from the engine's own per-step accounting (`engine.kv_cache.usage_sum`), block counts from "
             f"its block pool, prefill and hit counts from its prefix-cache counters.\n")
 
@@ -245,3 +262,40 @@ def _beam_body(sec: dict) -> str:
             f"![KV blocks held and saved by beam search](beam.png)\n\n"
             + md_table(["width", "searches", "mean blocks held", "mean unshared", "saved (mean)", "peak held",
                         "peak unshared", "saved (peak)", "beam tok/s", "time s", "preemptions"], rows))
+
+
+def _tier_body(sec: dict) -> str:
+    rows = [[r["mode"], r["prompt_tokens_submitted"], r["prefill_tokens_computed"], pct(r["prefix_hit_rate"]),
+             r["kv_offload_hits"], r["num_preemptions"], r["num_swapped_out"], r["ttft_mean_s"], r["ttft_p90_s"],
+             r["output_tokens_per_s"], r["elapsed_s"]] for r in sec["runs"]]
+    w = sec["workload"]
+    return (f"**How.** `pagedserve bench multiturn`'s driver: {sec['runs'][0]['num_conversations']} conversations "
+            f"of the multiturn workload ({sec['runs'][0]['num_turns']} turns; each turn adds a user message of mean "
+            f"{w['mean_prompt_len']:.0f} tokens, the first opening with a shared system prompt, and asks for an "
+            f"answer of mean {w['mean_output_len']:.0f} tokens), {sec['concurrency']} in flight: a conversation "
+            f"sends its next turn, with its whole history (the engine's own answers included), once its answer is "
+            f"complete. A pool of {sec['num_kv_blocks']} blocks of {sec['block_size']} tokens, prefix caching on; "
+            f"the same conversations three times: no tier; a tier of {sec['kv_offload_memory']} (recompute "
+            f"preemption); the tier with swap preemption. Prefill tokens count every token the model ran except "
+            f"the one-token decode steps; TTFT is from a turn's submission to its first token.\n\n"
+            f"![prefill computed and time to first token, without and with the tier](tier.png)\n\n"
+            + md_table(["mode", "prompt tokens sent", "prefill computed", "hit rate", "tier hits (tokens)",
+                        "preemptions", "swapped", "TTFT mean s", "TTFT p90 s", "out tok/s", "time s"], rows))
+
+
+def _swap_body(sec: dict) -> str:
+    mech = [[r["block_size"], r["blocks"], 1e3 * r["swap_out_s"], 1e3 * r["swap_in_s"], 1e3 * r["recompute_s"]]
+            for r in sec["mechanism"]]
+    e2e = [[r["block_size"], r["mode"], r["num_kv_blocks"], r["elapsed_s"], r["output_tokens_per_s"],
+            r["num_preemptions"], r["num_swapped_out"], r["prefill_tokens_computed"], r["kv_blocks_offloaded"],
+            r["kv_blocks_loaded"], r["copy_s"]] for r in sec["end_to_end"]]
+    return (f"**How.** `benchmarks/preemption_modes.py`. The mechanism alone: a {sec['context_tokens']}-token "
+            f"context's blocks copied to the tier and back by the runner's own copies, against one prefill forward "
+            f"over those tokens (medians of 5). End to end: the first {sec['workload']['num_requests']} chat "
+            f"requests all at once in a pool of {sec['pool_tokens']} tokens at every block size (prefix caching "
+            f"off, so a recomputed context is computed whole), preemption by recompute and by swap to a tier of "
+            f"{sec['kv_offload_memory']}; copy seconds are timed around the runner's copies.\n\n"
+            f"![swap against recompute by block size](swap.png)\n\n"
+            + md_table(["block size", "blocks", "copy out ms", "copy back ms", "recompute ms"], mech) + "\n\n"
+            + md_table(["block size", "mode", "pool blocks", "time s", "out tok/s", "preemptions", "swapped",
+                        "prefill computed", "blocks out", "blocks back", "copy s"], e2e))

@@ -22,7 +22,7 @@ from pagedserve.kv_cache.manager import SlotUsage, cdiv
 Log = Callable[[str], None]
 
 # Length parameters of the workload generators that --workload-scale multiplies.
-_SCALED = ("prompt_median", "output_median", "system_len")
+_SCALED = ("prompt_median", "output_median", "system_len", "user_median")
 
 
 # ---- workloads ------------------------------------------------------------------------------
@@ -285,6 +285,32 @@ def beam_search(base: EngineConfig, items: list[WorkloadItem], widths: list[int]
         return rows
     return {"num_kv_blocks": config.num_kv_blocks, "block_size": config.block_size, "batched": True,
             "workload": workload_summary(items), "runs": _with_engine(config, body)}
+
+
+def kv_tier(base: EngineConfig, items: list[WorkloadItem], pool_blocks: int, offload_memory: str,
+            concurrency: int, log: Log, progress: bool = False) -> dict:
+    """Section 8: the multiturn conversations through a pool of pool_blocks blocks with no tier, with the tier
+    (recompute preemption) and with the tier and swap preemption: pagedserve.bench.multiturn's run_modes."""
+    from pagedserve.bench.multiturn import MODES, conversations, run_modes
+    convs = conversations(items)
+    config = base.replace(num_kv_blocks=pool_blocks, enable_prefix_caching=True, kv_reservation="none",
+                          preemption_mode="recompute")
+    log(f"  {len(convs)} conversations, {concurrency} at once, pool {pool_blocks} blocks, tier {offload_memory}")
+    runs = run_modes(config, convs, list(MODES), offload_memory, concurrency, progress)
+    return {"num_kv_blocks": pool_blocks, "block_size": base.block_size, "kv_offload_memory": offload_memory,
+            "concurrency": concurrency, "workload": workload_summary(items), "runs": runs}
+
+
+def swap_or_recompute(base: EngineConfig, items: list[WorkloadItem], block_sizes: list[int], pool_tokens: int,
+                      context_tokens: int, offload_memory: str, log: Log, progress: bool = False) -> dict:
+    """Section 9: benchmarks/preemption_modes.py, the mechanism alone and end to end, at each block size."""
+    from benchmarks.preemption_modes import end_to_end, mechanism
+    log(f"  restoring {context_tokens} tokens at block sizes {block_sizes}")
+    mech = mechanism(base, block_sizes, context_tokens, offload_memory)
+    log(f"  {len(items)} chat requests in a pool of {pool_tokens} tokens, recompute and swap")
+    e2e = end_to_end(base, items, block_sizes, pool_tokens, offload_memory, progress)
+    return {"pool_tokens": pool_tokens, "context_tokens": context_tokens, "kv_offload_memory": offload_memory,
+            "workload": workload_summary(items), "mechanism": mech, "end_to_end": e2e}
 
 
 def stderr_log(start: float) -> Log:

@@ -2,8 +2,10 @@
 
 There is no prefill phase: a request's num_computed_tokens catches up with its token
 count, a chunk at a time. When the pool has no block for a running request, the most
-recently admitted request is preempted by recompute (blocks freed, back to the head of
-the queue); it resumes later, usually from its own blocks still in the prefix cache.
+recently admitted request is preempted (back to the head of the queue): by recompute (blocks
+freed; it resumes later, usually from its own blocks still in the prefix cache or the KV
+cache's second tier) or, with preemption_mode="swap", by swap (its blocks parked in the tier
+and loaded back when it resumes; recompute when the tier has no room).
 
 A step is two calls: schedule() allocates and emits the batch; commit_step() runs once the
 model has written the batch's K/V and advances num_computed_tokens, making newly full

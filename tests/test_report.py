@@ -30,8 +30,9 @@ from pagedserve.config import EngineConfig
 
 REPO = Path(__file__).resolve().parents[1]
 BUDGETS = (16, 64)  # blocks of 16 tokens; the tiny model's 256-token window is 16 blocks
-PNGS = ("memory.png", "budgets.png", "prefix.png", "sampling.png", "latency.png", "recompute.png", "beam.png")
-SECTIONS = 7
+PNGS = ("memory.png", "budgets.png", "prefix.png", "sampling.png", "latency.png", "recompute.png", "beam.png",
+        "tier.png", "swap.png")
+SECTIONS = 9
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +46,10 @@ def report(tiny_model_dir, tmp_path_factory):
             "--chat-requests", "8", "--budgets", ",".join(map(str, BUDGETS)), "--hf-budgets", "64",
             "--shared-requests", "8", "--sampling-prompts", "2", "--sampling-ns", "2,4",
             "--serve-requests", "5", "--rate-multipliers", "0.5,4", "--recompute-lengths", "16,64",
-            "--beam-prompts", "2", "--beam-widths", "2,4"]
+            "--beam-prompts", "2", "--beam-widths", "2,4",
+            "--tier-conversations", "4", "--tier-concurrency", "4", "--tier-pool-blocks", "16",
+            "--swap-block-sizes", "8,16", "--swap-requests", "6", "--swap-pool-tokens", "48",
+            "--swap-context-tokens", "64", "--kv-offload-memory", "8MiB"]
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(sys, "argv", ["/venv/bin/pagedserve", *argv])  # as the console script sees it
         assert main(argv) == 0
@@ -153,6 +157,53 @@ def test_report_beam_search_numbers_are_consistent(report):
         assert r["beam_tokens_per_s"] == pytest.approx(r["beam_tokens"] / r["elapsed_s"])
     section = readme[readme.index("## 7. Beam search"):]
     assert "37.6-55.2%" in section and f"{100 * sec['runs'][-1]['saving_mean']:.1f}%" in section
+
+
+def test_report_tier_and_swap_numbers_are_consistent(report):
+    _, results, readme = report
+    tier = results["sections"]["tier"]
+    runs = {r["mode"]: r for r in tier["runs"]}
+    assert set(runs) == {"none", "tier", "swap"} and len({r["answers_sha256"] for r in tier["runs"]}) == 1
+    assert runs["none"]["kv_offload_hits"] == 0 and runs["tier"]["kv_offload_hits"] > 0
+    assert runs["tier"]["prefill_tokens_computed"] < runs["none"]["prefill_tokens_computed"]
+    for r in runs.values():
+        assert r["num_kv_blocks"] == 16 and r["working_set_blocks"] > 16 and r["num_conversations"] == 4
+        assert r["prefill_tokens_computed"] <= r["prompt_tokens_submitted"] + r["output_tokens"]
+        assert r["prefix_cache_hits"] <= r["prefix_cache_queries"] and r["num_swapped_out"] <= r["num_preemptions"]
+    assert f"{runs['none']['prefill_tokens_computed']:,}" in readme
+    swap = results["sections"]["swap"]
+    assert [r["block_size"] for r in swap["mechanism"]] == [8, 16]
+    assert [r["blocks"] for r in swap["mechanism"]] == [8, 4]  # 64 tokens
+    assert all(r["swap_out_s"] > 0 and r["swap_in_s"] > 0 and r["recompute_s"] > 0 for r in swap["mechanism"])
+    e2e = {(r["block_size"], r["mode"]): r for r in swap["end_to_end"]}
+    assert set(e2e) == {(b, m) for b in (8, 16) for m in ("recompute", "swap")}
+    assert e2e[(16, "recompute")]["num_preemptions"] > 0  # 3 blocks of 16 for 6 requests
+    for (b, mode), r in e2e.items():
+        assert r["num_kv_blocks"] == 48 // b and r["num_swapped_out"] <= r["num_preemptions"]
+        if mode == "recompute":
+            assert r["num_swapped_out"] == 0 and r["kv_blocks_loaded"] == 0
+            assert r["prefill_tokens_computed"] >= r["prompt_tokens"]
+        elif r["num_swapped_out"] == r["num_preemptions"]:  # every context came back by copies: prompts only
+            assert r["prefill_tokens_computed"] == r["prompt_tokens"]
+            assert r["kv_blocks_loaded"] >= r["num_swapped_out"]
+    assert e2e[(16, "swap")]["num_swapped_out"] > 0
+
+
+def test_report_keeps_earlier_sections_when_asked(report, tmp_path, tiny_model_dir):
+    """--keep-sections: a run of section 9 alone keeps the other sections of the folder's results.json, and the
+    README names the run they came from."""
+    _, results, _ = report
+    (tmp_path / "results.json").write_text(json.dumps(results))
+    assert main(["bench", "report", "--model", tiny_model_dir, "--dtype", "float32", "--num-threads", "1",
+                 "--out", str(tmp_path), "--workload-scale", "0.1", "--quiet", "--keep-sections", "--sections", "9",
+                 "--chat-requests", "4", "--swap-block-sizes", "16", "--swap-requests", "2",
+                 "--swap-pool-tokens", "128", "--swap-context-tokens", "32", "--kv-offload-memory", "8MiB"]) == 0
+    merged = json.loads((tmp_path / "results.json").read_text())
+    assert set(merged["sections"]) == set(results["sections"])
+    assert merged["sections"]["tier"] == results["sections"]["tier"]
+    assert [r["block_size"] for r in merged["sections"]["swap"]["mechanism"]] == [16]
+    assert merged["earlier"]["command"] == results["command"]
+    assert f"`{results['command']}` on {results['date']}" in (tmp_path / "README.md").read_text()
 
 
 def test_beam_memory_runs_searches_one_at_a_time_or_batched(tiny_model_dir):
