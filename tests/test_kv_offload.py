@@ -356,3 +356,19 @@ class OffloadMachine(RuleBasedStateMachine):
 
 OffloadMachine.TestCase.settings = settings(max_examples=150, stateful_step_count=60, deadline=None)
 TestOffload = OffloadMachine.TestCase
+
+
+def test_disk_tier_reserves_its_file_and_leaves_none_behind(tmp_path):
+    import torch
+
+    from pagedserve.kv_cache.offload import load_blocks, offload_blocks, tier_storage
+    tier = tier_storage(3, 2, (4, 1, 2), torch.float32, str(tmp_path))
+    assert tier.shape == (3, 2, 2, 4, 1, 2) and list(tmp_path.iterdir()) == []  # unlinked at once
+    caches = [(torch.randn(5, 4, 1, 2), torch.randn(5, 4, 1, 2)) for _ in range(2)]
+    offload_blocks(caches, tier, [(4, 0), (1, 2)])
+    fresh = [(torch.zeros(5, 4, 1, 2), torch.zeros(5, 4, 1, 2)) for _ in range(2)]
+    load_blocks(fresh, tier, [(2, 3), (0, 0)])
+    for (k, v), (k2, v2) in zip(caches, fresh):
+        assert torch.equal(k2[3], k[1]) and torch.equal(v2[0], v[4]) and not k2[1].any()
+    with pytest.raises(ValueError, match="cannot reserve"):
+        tier_storage(1 << 20, 64, (16, 8, 128), torch.float32, str(tmp_path))  # 8 TiB: more than the disk

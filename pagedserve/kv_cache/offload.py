@@ -170,7 +170,11 @@ def tier_storage(num_slots: int, num_layers: int, block_shape: tuple[int, ...], 
         numel = 1
         for d in shape:
             numel *= d
-        os.ftruncate(fd, numel * torch.empty((), dtype=dtype).element_size())
+        size = numel * torch.empty((), dtype=dtype).element_size()
+        try:  # reserved now: a sparse file that later finds the disk full would kill the process (SIGBUS)
+            os.posix_fallocate(fd, 0, size)
+        except OSError as e:
+            raise ValueError(f"cannot reserve {size} bytes for the KV offload tier in {directory}: {e}") from None
         return torch.from_file(path, shared=True, size=numel, dtype=dtype).view(shape)
     finally:
         os.close(fd)
