@@ -115,7 +115,12 @@ class Scheduler:
             break  # the request itself was preempted: nothing after it is left
 
         # Admit waiting requests only when nobody had to be preempted this step.
-        while not preempted and self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+        preempted_held: list[str] = []
+        while not preempted and self.waiting and budget > 0:
+            if len(self.running) >= self.config.max_num_seqs:
+                if scheduled or not self._preempt_held(preempted_held):  # beams held at the limit: as below
+                    break
+                continue
             req = self.waiting[0]
             prefix = self.kv_cache.get_computed_blocks(req)
             if (req.sampling_params.prompt_logprobs is not None and req.num_output_tokens == 0
@@ -129,7 +134,7 @@ class Scheduler:
                 budget = n  # longer than any budget: it runs alone, or it would block the queue forever
             n = min(n, budget)
             if self.kv_cache.allocate_slots(req, n, prefix) is None:
-                if scheduled or not self._preempt_held():
+                if scheduled or not self._preempt_held(preempted_held):
                     break
                 continue
             self.waiting.popleft()
@@ -141,7 +146,7 @@ class Scheduler:
             scheduled.append((req, n))
             budget -= n
 
-        out = SchedulerOutput(transfers=self.kv_cache.take_transfers(), preempted_ids=preempted)
+        out = SchedulerOutput(transfers=self.kv_cache.take_transfers(), preempted_ids=preempted + preempted_held)
         for req, n in scheduled:
             start = req.num_computed_tokens
             seq = ScheduledSequence(
@@ -174,14 +179,16 @@ class Scheduler:
         self._in_flight = []
         self.kv_cache.end_step(ok=False)
 
-    def _preempt_held(self) -> bool:
-        """Nothing could run this step and the queue's head does not fit: the most recent request held for its
-        beam siblings gives its blocks back (to the queue's tail), or the siblings it waits for might never fit.
+    def _preempt_held(self, preempted: list[str]) -> bool:
+        """Nothing could run this step and the queue's head does not fit (the pool, or max_num_seqs): the most
+        recent request held for its beam siblings gives its place back (to the queue's tail), or the siblings it
+        waits for might never get in.
         Its next-token log-probs are kept by the engine, so its beam search loses no step."""
         for victim in reversed(self.running):
             if victim.held:
                 self.running.remove(victim)
                 self._preempt(victim, to_tail=True)
+                preempted.append(victim.request_id)
                 return True
         return False
 

@@ -182,3 +182,25 @@ def test_default_model_beam_search_equals_transformers():
         assert [s.tokens[len(prompt):] for s in ours.sequences] == [g for g, _ in want], k
         for s, (_, score) in zip(ours.sequences, want):
             assert abs(s.score - score) < 1e-3, k
+
+
+def test_held_beams_at_max_num_seqs_make_room_for_a_waiting_sibling():
+    """Every running request is held for a beam sibling and running is at max_num_seqs: the scheduler must give a
+    held request's place to the waiting one, or no step would ever run again."""
+    from pagedserve.kv_cache import KVCacheManager
+    from pagedserve.request import Request
+    from pagedserve.sampling_params import SamplingParams
+    from pagedserve.scheduler import Scheduler, SchedulerConfig
+    sched = Scheduler(SchedulerConfig(max_num_seqs=2, max_num_batched_tokens=64, max_model_len=64),
+                      KVCacheManager(num_blocks=8, block_size=4))
+    beams = [Request(f"b{i}", list(range(7)), SamplingParams(max_tokens=4)) for i in range(3)]
+    for r in beams:
+        sched.add_request(r)
+    assert [s.request_id for s in sched.schedule().sequences] == ["b0", "b1"]
+    sched.commit_step()
+    for r in beams[:2]:
+        r.append_output_token(1)
+        r.held = True  # their next-token log-probs wait for b2's
+    out = sched.schedule()
+    assert [s.request_id for s in out.sequences] == ["b2"]
+    assert [r.request_id for r in sched.waiting] == ["b1"] and out.preempted_ids == ["b1"]

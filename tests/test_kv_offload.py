@@ -296,6 +296,33 @@ class OffloadMachine(RuleBasedStateMachine):
         self.m.free(self.running.pop(rid))  # the engine aborts the failed step's requests
         r.num_computed_tokens = 0
 
+    @precondition(lambda self: self.running and self.waiting)
+    @rule(data=st.data(), swap=st.booleans(), fail=st.booleans())
+    def busy_step(self, data, swap, fail):
+        """One step that preempts a request and then admits up to two (as a schedule() that preempted a held
+        beam does): the copies of all of them run together, in the runner's order, and the step may fail."""
+        self._preempt_newest(swap)
+        admitted = []
+        for rid in data.draw(st.lists(st.sampled_from(sorted(self.waiting)), max_size=2, unique=True)):
+            r = self.waiting[rid]
+            prefix = self.m.get_computed_blocks(r)
+            if self.m.allocate_slots(r, r.num_tokens - prefix.num_tokens, prefix) is None:
+                continue
+            r.num_computed_tokens = prefix.num_tokens
+            admitted.append((r, r.num_tokens - prefix.num_tokens))
+            self.running[rid] = self.waiting.pop(rid)
+        self._transfers(garbage=fail)
+        for r, n in admitted:
+            self._write(r, n, "garbage" if fail else None)
+            if not fail:
+                r.num_computed_tokens += n
+                self.m.cache_blocks(r)
+        self.m.end_step(ok=not fail)
+        if fail:  # the engine aborts the failed step's requests
+            for r, _ in admitted:
+                self.m.free(self.running.pop(r.request_id))
+                r.num_computed_tokens = 0
+
     @precondition(lambda self: self.running)
     @rule(data=st.data())
     def fork(self, data):
@@ -372,3 +399,35 @@ def test_disk_tier_reserves_its_file_and_leaves_none_behind(tmp_path):
         assert torch.equal(k2[3], k[1]) and torch.equal(v2[0], v[4]) and not k2[1].any()
     with pytest.raises(ValueError, match="cannot reserve"):
         tier_storage(1 << 20, 64, (16, 8, 128), torch.float32, str(tmp_path))  # 8 TiB: more than the disk
+
+
+def test_a_swap_finds_the_room_it_counted_after_evictions_in_the_same_step():
+    """One step: an allocation evicts two cached blocks into a full tier, the first stored anew, the second
+    already there (a lookup moves it to the recent end); then a swap counts its room and must find it. (This
+    once raised: the tier counted as evictable an entry sitting behind one stored by the same step.)"""
+    m = KVCacheManager(num_blocks=8, block_size=B, num_offload_blocks=3)
+    for rid, base in (("x", 0), ("e1", 100), ("e2", 200)):
+        admit(m, req(rid, range(base, base + 5)))
+        m.free(rid)
+    big = req("big", range(1000, 1032))
+    m.allocate_slots(big, 32, m.get_computed_blocks(big))  # x, e1, e2 go to the tier
+    m.take_transfers()
+    m.end_step(ok=True)
+    m.free("big")
+    admit(m, req("x2", range(0, 5)))     # x comes back from the tier and is cached in the pool again
+    admit(m, req("f", range(300, 305)))  # a cached block the tier does not have
+    v = req("v", range(500, 506))
+    admit(m, v)
+    v.append_output_token(7)
+    m.free("f")
+    m.free("x2")
+    g = req("g", range(700, 724))
+    assert m.allocate_slots(g, g.num_tokens, m.get_computed_blocks(g)) is not None  # evicts f, then x
+    assert m.tier.num_available == 2
+    assert m.swap_out(v)  # one full block and one partial: two new entries
+    t = m.take_transfers()
+    assert len({slot for _, slot in t.offload}) == len(t.offload)  # no slot written twice in the step
+    m.end_step(ok=True)
+    m.check_invariants([g])
+    v.num_computed_tokens = 0
+    assert m.get_computed_blocks(v).num_tokens == 6

@@ -315,6 +315,7 @@ class KVCacheManager:
         entries = []
         for (block, key, tokens, partial), entry in zip(wanted, present):
             if entry is None:
+                # A full block stays after its return (evictable): swapped again unchanged, it needs no copy.
                 entry, write = tier.store(key, tokens, transient=partial)
                 if entry is None:  # room was counted above: only a key holding other tokens gets here
                     raise InvariantError(f"tier key of request {rid}'s block holds other tokens")

@@ -38,14 +38,15 @@ class TierEntry:
 
 
 class OffloadTier:
-    """num_slots block-sized slots; entries by key, the unpinned ones in LRU order for eviction."""
+    """num_slots block-sized slots; entries by key. The LRU holds the evictable entries, oldest first: those
+    unpinned and stored by an earlier step (evicting one stored by the step in flight would waste its copy)."""
 
     def __init__(self, num_slots: int) -> None:
         if num_slots < 1:
             raise ValueError(f"the offload tier needs at least one slot, got {num_slots}")
         self.num_slots = num_slots
         self._entries: dict[bytes, TierEntry] = {}
-        self._lru: OrderedDict[bytes, TierEntry] = OrderedDict()  # unpinned entries, least recent first
+        self._lru: OrderedDict[bytes, TierEntry] = OrderedDict()  # evictable entries, least recent first
         self._free_slots = list(range(num_slots - 1, -1, -1))
         self._stored_this_step: list[TierEntry] = []
         self._pinned_for_step: list[TierEntry] = []
@@ -56,16 +57,15 @@ class OffloadTier:
 
     @property
     def num_available(self) -> int:
-        """Slots a store can take now: free ones plus those of unpinned entries from earlier steps."""
-        fresh = sum(1 for e in self._stored_this_step if e.pins == 0 and self._entries.get(e.key) is e)
-        return len(self._free_slots) + len(self._lru) - fresh
+        """Slots a store can take now: free ones, then the evictable entries'."""
+        return len(self._free_slots) + len(self._lru)
 
     def lookup(self, key: bytes, token_ids: Sequence[int]) -> TierEntry | None:
         """The entry under key if it holds exactly these tokens; it becomes the most recently used."""
         entry = self._entries.get(key)
         if entry is None or entry.token_ids != tuple(token_ids):
             return None
-        if entry.pins == 0:
+        if key in self._lru:
             self._lru.move_to_end(key)
         return entry
 
@@ -73,8 +73,7 @@ class OffloadTier:
         """Room for a block under key: (entry, whether the caller must copy the block into entry.slot).
 
         An entry already holding these tokens is reused (nothing to copy); otherwise a free slot, or the
-        least recently used unpinned entry's, is taken. (None, False) when every slot is pinned or holds a block
-        stored by this same step (evicting one would only waste its copy).
+        least recently used evictable entry's, is taken. (None, False) when no slot is free or evictable.
         """
         entry = self.lookup(key, token_ids)
         if entry is not None:
@@ -83,7 +82,7 @@ class OffloadTier:
             return None, False
         if self._free_slots:
             slot = self._free_slots.pop()
-        elif self._lru and not next(iter(self._lru.values())).fresh:
+        elif self._lru:
             _, old = self._lru.popitem(last=False)
             del self._entries[old.key]
             self.num_evictions += 1
@@ -92,8 +91,7 @@ class OffloadTier:
             return None, False
         entry = TierEntry(key, slot, tuple(token_ids), transient=transient)
         self._entries[key] = entry
-        self._lru[key] = entry
-        self._stored_this_step.append(entry)
+        self._stored_this_step.append(entry)  # evictable from the end of this step on
         return entry, True
 
     def pin(self, entry: TierEntry) -> None:
@@ -108,7 +106,7 @@ class OffloadTier:
         if entry.pins == 0:
             if entry.transient:
                 self._drop(entry)
-            else:
+            elif not entry.fresh:
                 self._lru[entry.key] = entry
 
     def pin_for_step(self, entry: TierEntry) -> None:
@@ -123,10 +121,14 @@ class OffloadTier:
         self._pinned_for_step = []
         for entry in self._stored_this_step:
             entry.fresh = False
-            if not ok and self._entries.get(entry.key) is entry:
+            if self._entries.get(entry.key) is not entry:
+                continue  # a transient entry already loaded back and dropped
+            if not ok:
                 if entry.pins:
                     raise InvariantError(f"tier slot {entry.slot} of a failed step is still pinned")
                 self._drop(entry)
+            elif entry.pins == 0:
+                self._lru[entry.key] = entry
         self._stored_this_step = []
 
     def clear(self) -> int:
@@ -146,7 +148,7 @@ class OffloadTier:
         if sorted(slots) != list(range(self.num_slots)):
             raise InvariantError("the offload tier lost or doubled a slot")
         for key, entry in self._entries.items():
-            if entry.key != key or (entry.pins == 0) != (key in self._lru) or entry.pins < 0:
+            if entry.key != key or (entry.pins == 0 and not entry.fresh) != (key in self._lru) or entry.pins < 0:
                 raise InvariantError(f"tier entry in slot {entry.slot}: pins {entry.pins} and LRU disagree")
         if len(self._lru) > len(self._entries):
             raise InvariantError("the tier's LRU holds an entry it does not index")
