@@ -1,10 +1,11 @@
-"""The command line: `pagedserve serve | generate | chat | bench workload|throughput|serve|report`."""
+"""The command line: `pagedserve serve | generate | chat | export-tokenizer | audit verify|summary | bench ...`."""
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import os
 import sys
+from datetime import datetime, timezone
 
 from pagedserve.config import (ATTENTION_BACKENDS, DTYPES, KV_RESERVATIONS, PREEMPTION_MODES, QUANTIZATIONS,
                                EngineConfig)
@@ -194,11 +195,57 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", default=None, help="tokenizer folder or .gguf file (default: the model's own)")
     p.set_defaults(func=cmd_export_tokenizer)
 
+    p = sub.add_parser("audit", help="check an audit log")
+    audit = p.add_subparsers(dest="audit_command", required=True)
+    a = audit.add_parser("verify", help="check an audit log's hash chain and head; exit 1 at the first break",
+                         description=cmd_audit_verify.__doc__)
+    a.add_argument("files", nargs="+", metavar="FILE", help="the log (a rotated log: its files, oldest first)")
+    a.add_argument("--key-file", default=None, help="the server's --audit-key-file, to check the head's HMAC")
+    a.set_defaults(func=cmd_audit_verify)
+    a = audit.add_parser("summary", help="per identity: requests, denials, errors, tokens and latency",
+                         description=cmd_audit_summary.__doc__)
+    a.add_argument("files", nargs="+", metavar="FILE", help="the log (a rotated log: its files, oldest first)")
+    a.add_argument("--window", type=float, default=None, metavar="MINUTES",
+                   help="one row per identity and window of this many minutes (default: the whole log)")
+    a.set_defaults(func=cmd_audit_summary)
+
     p = sub.add_parser("bench", help="benchmarks: workload, throughput, serve, report")
     bench = p.add_subparsers(dest="bench_command", required=True)
     from pagedserve.bench import cli as bench_cli
     bench_cli.add_subcommands(bench, add_engine_args)
     return parser
+
+
+def cmd_audit_verify(args) -> int:
+    """Check an audit log written by `pagedserve serve --audit-log FILE`: every line's sequence number and the
+    hash of the line before it, and FILE.head (the last line's number and hash, and its HMAC when the server
+    had --audit-key-file). Prints the first edited, inserted, deleted or reordered line, or a cut-off tail."""
+    from pagedserve.server.args import read_key_file
+    from pagedserve.server.audit import verify_chain
+    lines, problems = verify_chain(args.files, read_key_file(args.key_file))
+    for problem in problems:
+        print(problem)
+    if not problems:
+        print(f"ok: {lines} lines, the chain unbroken and its head matching")
+    return 1 if problems else 0
+
+
+def cmd_audit_summary(args) -> int:
+    """Per identity (and per time window with --window): requests, denials (4xx), errors (5xx), prompt and
+    completion tokens, mean and largest latency, from an audit log written by `pagedserve serve --audit-log`."""
+    from pagedserve.bench.results import format_table
+    from pagedserve.server.audit import summarize
+    if args.window is not None and not args.window > 0:
+        raise ValueError(f"--window must be a positive number of minutes, got {args.window}")
+    rows = summarize(args.files, args.window * 60 if args.window else None)
+    head = (["window start (UTC)"] if args.window else []) + [
+        "identity", "requests", "denied", "errors", "prompt tokens", "completion tokens", "latency mean s",
+        "latency max s"]
+    print(format_table(head, [
+        ([datetime.fromtimestamp(r["window_start"], timezone.utc).strftime("%Y-%m-%d %H:%M")] if args.window else [])
+        + [r["identity"], r["requests"], r["denied"], r["errors"], r["prompt_tokens"], r["completion_tokens"],
+           f"{r['latency_mean_s']:.3f}", f"{r['latency_max_s']:.3f}"] for r in rows]))
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -76,7 +76,7 @@ def build_app(engine: AsyncEngine, config: ServerConfig | None = None, tokenizer
     tokenizer = tokenizer if tokenizer is not None else copy.deepcopy(engine.engine.tokenizer)
     metrics = ServerMetrics(engine.stats)
     serving = OpenAIServing(engine, tokenizer, config, metrics)
-    audit_log = AuditLog(config.audit_log) if config.audit_log else None
+    audit_log = AuditLog(config.audit_log, config.audit_key) if config.audit_log else None
     lifecycle = Lifecycle()
 
     @contextlib.asynccontextmanager

@@ -22,6 +22,7 @@ class ServerConfig:
     identities: Identities = field(default_factory=Identities)
     shared_prefix_cache: bool = False
     audit_log: str | None = None
+    audit_key: bytes | None = None  # HMAC key of the audit log's head (--audit-key-file)
     max_waiting: int | None = DEFAULT_MAX_WAITING
     max_request_bytes: int | None = DEFAULT_MAX_REQUEST_BYTES
     served_model_names: tuple[str, ...] = ()  # empty: the engine's model name
@@ -48,7 +49,11 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
                         "tenant can learn another's prompts through cache timing)")
     g.add_argument("--audit-log", default=None, metavar="FILE",
                    help="append one JSON line per request: time, identity, request id, endpoint, model, "
-                        "tokens, cached tokens, finish reason, status, latency")
+                        "tokens, cached tokens, finish reason, status, latency; hash-chained, with FILE.head "
+                        "(`pagedserve audit verify FILE` finds an edited, missing or reordered line)")
+    g.add_argument("--audit-key-file", default=None, metavar="FILE",
+                   help="a secret key (the file's bytes) that signs the audit log's head with an HMAC, so that "
+                        "rewriting the whole log needs it; give the same file to `pagedserve audit verify`")
     g.add_argument("--max-waiting", type=int, default=DEFAULT_MAX_WAITING,
                    help="most requests queued but not running; more are refused with 503 (0: no limit)")
     g.add_argument("--max-request-bytes", type=int, default=DEFAULT_MAX_REQUEST_BYTES,
@@ -92,9 +97,21 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
         host=args.host, port=args.port,
         identities=load_identities(args.api_key, args.api_keys_file),
         shared_prefix_cache=args.shared_prefix_cache, audit_log=args.audit_log,
+        audit_key=read_key_file(args.audit_key_file),
         max_waiting=args.max_waiting or None, max_request_bytes=args.max_request_bytes or None,
         served_model_names=tuple(args.served_model_name or ()),
         log_level=args.log_level,
         header_read_timeout=args.header_read_timeout or None, body_read_timeout=args.body_read_timeout or None,
         keep_alive_timeout=args.keep_alive_timeout, max_connections=args.max_connections or None,
         shutdown_timeout=args.shutdown_timeout, access_log=args.access_log)
+
+
+def read_key_file(path: str | None) -> bytes | None:
+    """The bytes of a key file (surrounding whitespace dropped); a ValueError if it is empty."""
+    if path is None:
+        return None
+    with open(path, "rb") as f:
+        key = f.read().strip()
+    if not key:
+        raise ValueError(f"the key file {path} is empty")
+    return key

@@ -10,10 +10,19 @@ Every line is ASCII JSON (a client's lone surrogate is escaped, never an error) 
 field is capped, so no client can make a line fail or grow without bound. The file is private to
 the server's user (mode 0600). A request that never got as far as the app (a connection cut for
 its slow headers) is recorded by the connection itself, with no endpoint.
+
+The log is a hash chain: every line carries its sequence number (`seq`) and the SHA-256 of the line
+before it (`prev`; zeros for the first line of a log), and FILE.head holds the last line's number
+and hash, so that `pagedserve audit verify FILE` (verify_chain) finds an edited, inserted, deleted
+or reordered line and a truncated tail. A chain is continued across restarts from the file's last
+line. With a key (--audit-key-file) the head carries an HMAC, so that rewriting the whole file and
+its head needs the key too.
 """
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import hmac
 import json
 import logging
 import os
@@ -24,6 +33,7 @@ from datetime import datetime, timezone
 CLIENT_CLOSED = 499  # status recorded when the client went away before its answer
 MAX_FIELD_CHARS = 256  # longest string field written; longer ones are cut, with a marker
 MAX_ERROR_BODY = 64 * 1024  # error bodies up to this size are read for their error code
+GENESIS = "0" * 64  # the `prev` of a log's first line
 
 logger = logging.getLogger(__name__)
 access_logger = logging.getLogger("pagedserve.access")
@@ -59,18 +69,54 @@ def audit_line(record: dict) -> str:
     return json.dumps({k: _capped(v) for k, v in record.items()}, ensure_ascii=True)
 
 
+def line_hash(line: str) -> str:
+    return hashlib.sha256(line.encode("ascii")).hexdigest()
+
+
+def head_record(seq: int, last_hash: str, key: bytes | None) -> dict:
+    """FILE.head's content: the last line's number and hash, with an HMAC of both under the key, if any."""
+    head = {"seq": seq, "hash": last_hash}
+    if key is not None:
+        head["hmac"] = hmac.new(key, f"{seq}:{last_hash}".encode(), hashlib.sha256).hexdigest()
+    return head
+
+
+def _last_line(path: str) -> str | None:
+    """The file's last non-empty line (read from the end: a log may be large)."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            end = pos = f.tell()
+            while pos > 0:
+                pos = max(0, pos - 65536)
+                f.seek(pos)
+                lines = f.read(end - pos).splitlines()
+                if len(lines) > 1 or pos == 0:
+                    return next((ln.decode("ascii", "replace") for ln in reversed(lines) if ln.strip()), None)
+    except FileNotFoundError:
+        return None
+    return None
+
+
 class AuditLog:
-    """Appends JSON lines to a private file; safe to call from any thread, never raises.
+    """Appends hash-chained JSON lines to a private file; safe to call from any thread, never raises.
 
     `pending` counts the records opened but not written yet: close() after they are all written
     (wait_written), so a request that ends while the server shuts down still gets its line.
     """
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, key: bytes | None = None) -> None:
         self.path = path
+        self.key = key
         self._lock = threading.Lock()
         self._file = self._open()
         self.pending = 0
+        last = _last_line(path)
+        self._prev = GENESIS if last is None else line_hash(last)
+        try:
+            self._seq = json.loads(last)["seq"] + 1 if last is not None else 0
+        except (ValueError, KeyError, TypeError):  # a log from before the chain, or a broken last line
+            self._seq = 0
 
     def _open(self):
         fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
@@ -82,15 +128,25 @@ class AuditLog:
 
     def write(self, record: dict) -> None:
         try:
-            line = audit_line(record)
             with self._lock:
+                line = audit_line({**record, "seq": self._seq, "prev": self._prev})
                 if self._file.closed:  # a line after close (a task cancelled late): append it anyway
                     with self._open() as f:
                         f.write(line + "\n")
                 else:
                     self._file.write(line + "\n")
+                self._prev = line_hash(line)
+                self._write_head(head_record(self._seq, self._prev, self.key))
+                self._seq += 1
         except Exception:  # the log must never take a request down with it
             logger.exception("could not write an audit line")
+
+    def _write_head(self, head: dict) -> None:
+        tmp = f"{self.path}.head.tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w", encoding="ascii") as f:
+            f.write(json.dumps(head) + "\n")
+        os.replace(tmp, f"{self.path}.head")
 
     async def wait_written(self, timeout: float) -> None:
         """Wait (at most timeout seconds) until every opened record is written."""
@@ -103,6 +159,83 @@ class AuditLog:
     def close(self) -> None:
         with self._lock:
             self._file.close()
+
+
+def verify_chain(paths: list[str], key: bytes | None = None) -> tuple[int, list[str]]:
+    """Check audit logs' chain (several files: a rotated log, oldest first) and the last one's head: (lines read,
+    problems; none if untouched). Reports the first break of the chain (a line edited, inserted, deleted or
+    moved) and a tail cut off or added."""
+    prev, expect_seq, total = GENESIS, 0, 0
+    for path in paths:
+        with open(path, "rb") as f:
+            for n, raw in enumerate(f, 1):
+                total += 1
+                where = f"{path}:{n}"
+                line = raw.rstrip(b"\n").decode("ascii", "replace")
+                try:
+                    rec = json.loads(line)
+                    seq, rec_prev = rec["seq"], rec["prev"]
+                except (ValueError, KeyError, TypeError):
+                    return total, [f"{where}: not a line of the chain (no seq and prev): edited or inserted"]
+                if seq != expect_seq:
+                    what = ("missing before it (or this file continues another: verify them together, oldest "
+                            "first)" if seq > expect_seq else "out of order or inserted")
+                    return total, [f"{where}: seq {seq} where {expect_seq} was due: lines {what}"]
+                if rec_prev != prev:
+                    before = "the previous file's last line" if n == 1 else f"line {n - 1}"
+                    return total, [f"{where}: its prev is not the hash of the line before it: {before} was "
+                                   "edited, or this line inserted"]
+                prev, expect_seq = line_hash(line), seq + 1
+    head_path = f"{paths[-1]}.head"
+    try:
+        with open(head_path) as f:
+            head = json.load(f)
+        head_seq, head_hash = int(head["seq"]), str(head["hash"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return total, [f"{head_path} is missing or unreadable: a cut-off tail cannot be ruled out"]
+    if key is not None and head != head_record(head_seq, head_hash, key):
+        return total, ["the head's HMAC does not match the key: the head (and perhaps the log) was rewritten"]
+    last_seq = expect_seq - 1
+    if head_seq > last_seq:
+        return total, [f"the log ends at seq {last_seq} but its head says {head_seq}: the tail was cut off"]
+    if head_seq < last_seq or head_hash != prev:
+        return total, [f"the log's last line is not the one its head names (seq {head_seq}): lines appended "
+                       "afterwards, or the last line edited"]
+    return total, []
+
+
+def summarize(paths: list[str], window_s: float | None = None) -> list[dict]:
+    """Per identity (and per time window of window_s seconds, if given): requests, denials (4xx answers),
+    errors (5xx), prompt and completion tokens, and the latency's mean and maximum; oldest window first."""
+    rows: dict[tuple, dict] = {}
+    for path in paths:
+        with open(path, "rb") as f:
+            for raw in f:
+                try:
+                    rec = json.loads(raw)
+                    when = datetime.fromisoformat(rec["time"]).timestamp()
+                except (ValueError, KeyError, TypeError):
+                    continue  # summarize what can be read; `audit verify` judges the rest
+                start = when - when % window_s if window_s else None
+                row = rows.setdefault((start, str(rec.get("identity"))), {
+                    "window_start": start, "identity": str(rec.get("identity")), "requests": 0, "denied": 0,
+                    "errors": 0, "prompt_tokens": 0, "completion_tokens": 0, "latency_sum_s": 0.0,
+                    "latency_max_s": 0.0})
+                status = rec.get("status_code") or 0
+                row["requests"] += 1
+                row["denied"] += 400 <= status < 500
+                row["errors"] += status >= 500
+                row["prompt_tokens"] += rec.get("prompt_tokens") or 0
+                row["completion_tokens"] += rec.get("completion_tokens") or 0
+                latency = rec.get("latency_s") or 0.0
+                row["latency_sum_s"] += latency
+                row["latency_max_s"] = max(row["latency_max_s"], latency)
+    out = []
+    for key in sorted(rows, key=lambda k: (k[0] or 0, k[1])):
+        row = rows[key]
+        row["latency_mean_s"] = row.pop("latency_sum_s") / row["requests"]
+        out.append(row)
+    return out
 
 
 def _error_code(body: bytes) -> str | None:
