@@ -44,6 +44,10 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
                         "with any key set, every endpoint but /health needs one")
     g.add_argument("--api-keys-file", default=None, metavar="FILE",
                    help="file of `name:key` lines, one identity per line")
+    g.add_argument("--auth-config", default=None, metavar="FILE",
+                   help="identities with policies (TOML: keys, admin, models, endpoints, max_tokens, max_n, "
+                        "max_concurrent, cache_group; see pagedserve/server/policy.py); static keys may do "
+                        "everything, these only what their policy allows; /metrics and /version need admin")
     g.add_argument("--shared-prefix-cache", action="store_true",
                    help="one prefix cache for all identities (default: each identity has its own, so no "
                         "tenant can learn another's prompts through cache timing)")
@@ -95,7 +99,7 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
             raise ValueError(f"--{flag.replace('_', '-')} must be a number >= 0, got {getattr(args, flag)}")
     return ServerConfig(
         host=args.host, port=args.port,
-        identities=load_identities(args.api_key, args.api_keys_file),
+        identities=load_identities(args.api_key, args.api_keys_file, args.auth_config),
         shared_prefix_cache=args.shared_prefix_cache, audit_log=args.audit_log,
         audit_key=read_key_file(args.audit_key_file),
         max_waiting=args.max_waiting or None, max_request_bytes=args.max_request_bytes or None,

@@ -1,4 +1,5 @@
-"""Identities: API keys and the names they stand for, and the prefix-cache salt of each.
+"""Identities: API keys and the names they stand for, each name's policy (policy.py), and the prefix-cache
+salt of each.
 
 A key is a secret; its name is what logs and the cache salt use, so the key itself is never
 written anywhere. With no key configured every request is ANONYMOUS and no key is asked for.
@@ -11,6 +12,7 @@ import os
 import stat
 from dataclasses import dataclass
 
+from pagedserve.server.policy import FULL_ACCESS, Policy, endpoint_denial, load_auth_config
 from pagedserve.server.protocol import OpenAIError
 
 ANONYMOUS = "anonymous"
@@ -19,10 +21,15 @@ ANONYMOUS = "anonymous"
 @dataclass(frozen=True)
 class Identities:
     keys: tuple[tuple[str, str], ...] = ()  # (key, name)
+    policies: tuple[tuple[str, Policy], ...] = ()  # (name, policy) of --auth-config's identities
 
     @property
     def required(self) -> bool:
         return bool(self.keys)
+
+    def policy(self, name: str) -> Policy:
+        """What an identity may do: its --auth-config policy; a static key's (or no key's) may do everything."""
+        return next((p for n, p in self.policies if n == name), FULL_ACCESS)
 
     def identify(self, authorization: str | None) -> str | None:
         """The identity of an `Authorization: Bearer KEY` header; None when it matches no key.
@@ -73,9 +80,10 @@ def keys_file_warning(path: str | None) -> str | None:
             f"make it private: chmod 600 {path}")
 
 
-def load_identities(api_keys: list[str] | None = None, api_keys_file: str | None = None) -> Identities:
+def load_identities(api_keys: list[str] | None = None, api_keys_file: str | None = None,
+                    auth_config: str | None = None) -> Identities:
     """Keys given on the command line are named key-1, key-2, ... in order; the file names its own
-    (several keys may share a name, e.g. while one is rotated)."""
+    (several keys may share a name, e.g. while one is rotated); --auth-config's identities bring policies."""
     pairs = [(k, f"key-{i}") for i, k in enumerate(api_keys or [], 1)]
     if any(not k.strip() for k, _ in pairs):
         raise ValueError("--api-key must not be empty")
@@ -85,28 +93,41 @@ def load_identities(api_keys: list[str] | None = None, api_keys_file: str | None
             pairs += parse_keys_file(f.read(), api_keys_file)
         if not pairs:
             raise ValueError(f"{api_keys_file} holds no `name:key` line")
+    policies: dict[str, Policy] = {}
+    if auth_config:
+        config_pairs, policies = load_auth_config(auth_config)
+        clash = sorted({n for _, n in pairs} & set(policies))
+        if clash:
+            raise ValueError(f"{auth_config}: identities {', '.join(clash)} also have static keys (--api-key, "
+                             "--api-keys-file), which may do everything: give each name one source")
+        pairs += config_pairs
     keys = [k for k, _ in pairs]
     if len(set(keys)) != len(keys):  # one name may have several keys (rotation), one key one name
         raise ValueError("the same API key is given more than once")
-    return Identities(tuple(pairs))
+    return Identities(tuple(pairs), tuple(policies.items()))
 
 
-def cache_salt(identity: str, request_salt: str | None, shared_prefix_cache: bool) -> str | None:
-    """The engine's cache_salt for a request: its identity is mixed in unless the cache is shared,
-    so one tenant can never get a cache hit (and its timing) on another tenant's prompt."""
+def cache_salt(identity: str, request_salt: str | None, shared_prefix_cache: bool,
+               cache_group: str | None = None) -> str | None:
+    """The engine's cache_salt for a request: its identity (or its policy's cache group) is mixed in unless
+    the cache is shared, so one tenant can never get a cache hit (and its timing) on another tenant's prompt."""
     if shared_prefix_cache:
         return request_salt
+    if cache_group is not None:
+        return json.dumps(["group", cache_group, request_salt or ""])  # three items: never an identity's two
     return json.dumps([identity, request_salt or ""])  # unambiguous: no name/salt pair forges another
 
 
 class AuthMiddleware:
-    """ASGI middleware: answers 401 to a request without a known key (except on open paths) and
-    puts the caller's identity in the request state (and its audit record) for the handlers."""
+    """ASGI middleware: answers 401 to a request without a known key (except on open paths), 403 to one its
+    identity's policy does not allow on this path, 429 to one over its policy's concurrent requests; puts the
+    caller's identity and policy in the request state (and the identity in its audit record)."""
 
     def __init__(self, app, identities: Identities, open_paths: tuple[str, ...] = ("/health",)) -> None:
         self.app = app
         self.identities = identities
         self.open_paths = open_paths
+        self.in_flight: dict[str, int] = {}  # identity -> requests being answered
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -121,4 +142,18 @@ class AuthMiddleware:
         state["identity"] = name
         if "audit" in state:
             state["audit"]["identity"] = name
-        return await self.app(scope, receive, send)
+        if scope["path"] in self.open_paths:
+            return await self.app(scope, receive, send)
+        policy = state["policy"] = self.identities.policy(name)
+        denial = endpoint_denial(policy, scope["path"])
+        if denial is not None:
+            return await OpenAIError(403, denial, "permission_error", code="forbidden").send(send)
+        if policy.max_concurrent is not None and self.in_flight.get(name, 0) >= policy.max_concurrent:
+            error = OpenAIError(429, f"this identity may have {policy.max_concurrent} requests in flight; wait for "
+                                     "one to finish", "rate_limit_error", code="concurrency_limit_exceeded")
+            return await error.send(send, ((b"retry-after", b"1"),))
+        self.in_flight[name] = self.in_flight.get(name, 0) + 1
+        try:
+            return await self.app(scope, receive, send)
+        finally:
+            self.in_flight[name] -= 1

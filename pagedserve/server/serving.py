@@ -25,6 +25,7 @@ from pagedserve.server import responses as R
 from pagedserve.server.args import ServerConfig
 from pagedserve.server.audit import CLIENT_CLOSED, finish_reason_of
 from pagedserve.server.auth import ANONYMOUS, cache_salt
+from pagedserve.server.policy import FULL_ACCESS, Policy
 from pagedserve.server.metrics import ServerMetrics
 from pagedserve.server.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
                                         OpenAIError, TokenizeRequest, bad_request, cap, shorten)
@@ -58,6 +59,10 @@ def audit(request: Request, **fields) -> None:
     record = getattr(request.state, "audit", None)
     if record is not None:
         record.update(fields)
+
+
+def _policy(request: Request) -> Policy:
+    return getattr(request.state, "policy", FULL_ACCESS)
 
 
 def engine_error(e: Exception) -> OpenAIError:
@@ -98,14 +103,30 @@ class OpenAIServing:
         self.text.close()
 
     # ---- plain endpoints ----------------------------------------------------------------------
-    def check_model(self, model: str | None) -> str:
-        if model is None:
-            return self.model_names[0]
+    def check_model(self, model: str | None, policy: Policy = FULL_ACCESS) -> str:
+        model = self.model_names[0] if model is None else model
         if model not in self.model_names:
             raise OpenAIError(404, f"the model {shorten(model)} does not exist; this server serves "
                                    f"{', '.join(repr(m) for m in self.model_names)}",
                               "invalid_request_error", "model", "model_not_found")
+        if policy.models is not None and model not in policy.models:
+            raise OpenAIError(403, f"this identity may not use the model {shorten(model)}", "permission_error",
+                              "model", "model_not_allowed")
         return model
+
+    @staticmethod
+    def apply_policy(params, policy: Policy):
+        """The request's sampling parameters within its identity's policy: max_tokens up to the ceiling (the
+        ceiling when unset), n (or beam width) up to max_n; beyond either, a 400 naming the limit."""
+        if policy.max_tokens is not None:
+            if params.max_tokens is None:
+                params = dataclasses.replace(params, max_tokens=policy.max_tokens)
+            elif params.max_tokens > policy.max_tokens:
+                raise bad_request(f"max_tokens is {params.max_tokens}; this identity may ask at most "
+                                  f"{policy.max_tokens}", "max_tokens")
+        if policy.max_n is not None and params.n > policy.max_n:
+            raise bad_request(f"n is {params.n}; this identity may ask at most {policy.max_n}", "n")
+        return params
 
     def models(self) -> dict:
         return {"object": "list", "data": [self._model_card(name) for name in self.model_names]}
@@ -176,8 +197,9 @@ class OpenAIServing:
     # ---- generation ---------------------------------------------------------------------------
     async def completions(self, body: CompletionRequest, request: Request) -> Response:
         audit(request, model=body.model)
-        model = self.check_model(body.model)
-        params = body.to_sampling_params()
+        policy = _policy(request)
+        model = self.check_model(body.model, policy)
+        params = self.apply_policy(body.to_sampling_params(), policy)
         grammar = await self.check_params(params, body.grammar_field)
         batch = body.prompts()
         for i, p in enumerate(batch):
@@ -212,8 +234,9 @@ class OpenAIServing:
 
     async def chat(self, body: ChatCompletionRequest, request: Request) -> Response:
         audit(request, model=body.model)
-        model = self.check_model(body.model)
-        params = body.to_sampling_params()
+        policy = _policy(request)
+        model = self.check_model(body.model, policy)
+        params = self.apply_policy(body.to_sampling_params(), policy)
         tools = parse_tool_plan(body.tools, body.tool_choice, body.parallel_tool_calls)
         conversation, template_kwargs = body.conversation(), dict(body.chat_template_kwargs or {})
         grammar_field = body.grammar_field
@@ -252,7 +275,7 @@ class OpenAIServing:
 
     def _salt(self, request: Request, request_salt: str | None) -> str | None:
         identity = getattr(request.state, "identity", ANONYMOUS)
-        return cache_salt(identity, request_salt, self.config.shared_prefix_cache)
+        return cache_salt(identity, request_salt, self.config.shared_prefix_cache, _policy(request).cache_group)
 
     async def _start(self, job: _Job) -> list[RequestStream]:
         """Hand every prompt to the engine; all or none are accepted."""

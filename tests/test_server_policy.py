@@ -1,0 +1,155 @@
+"""Policies per identity (`--auth-config`): each rule allows what it should and denies the rest with the right
+status and an OpenAI-shaped error; the file is validated at start."""
+import asyncio
+import os
+
+import httpx
+import pytest
+
+from pagedserve.server.args import ServerConfig
+from pagedserve.server.auth import AuthMiddleware, load_identities
+from pagedserve.server.policy import load_auth_config
+from test_server import assert_error, running_server
+
+CONFIG = """
+[identities.ops]
+keys = ["sk-ops"]
+admin = true
+
+[identities.acme]
+keys = ["sk-acme", "sk-acme-next"]
+endpoints = ["/v1/chat/completions", "/v1/models"]
+max_tokens = 8
+max_n = 2
+cache_group = "shared-g"
+
+[identities.globex]
+keys = ["sk-globex"]
+cache_group = "shared-g"
+
+[identities.initech]
+keys = ["sk-initech"]
+models = ["some-other-model"]
+"""
+
+
+@pytest.fixture(scope="module")
+def policy_server(tiny_model_dir, tmp_path_factory):
+    path = tmp_path_factory.mktemp("auth") / "auth.toml"
+    path.write_text(CONFIG)
+    config = ServerConfig(identities=load_identities(["sk-static"], None, str(path)))
+    with running_server(tiny_model_dir, config) as (base, _):
+        yield base, os.path.basename(tiny_model_dir)
+
+
+def call(base, key, path, method="post", **body):
+    return getattr(httpx, method)(f"{base}{path}", headers={"Authorization": f"Bearer {key}"},
+                                  **({"json": body} if method == "post" else {}), timeout=60)
+
+
+def chat(base, key, model, **extra):
+    return call(base, key, "/v1/chat/completions", model=model, temperature=0,
+                messages=[{"role": "user", "content": "A long shared system text. " * 8}], **extra)
+
+
+def test_only_admins_read_metrics_and_version(policy_server):
+    base, _ = policy_server
+    for key in ("sk-ops", "sk-static"):  # a static key may do everything, as before
+        assert call(base, key, "/metrics", "get").status_code == 200
+        assert call(base, key, "/version", "get").status_code == 200
+    for key in ("sk-acme", "sk-globex"):
+        err = assert_error(call(base, key, "/metrics", "get"), 403, "admin")
+        assert err["type"] == "permission_error" and err["code"] == "forbidden"
+        assert_error(call(base, key, "/version", "get"), 403, "admin")
+    assert httpx.get(f"{base}/health").status_code == 200  # open, as before
+
+
+def test_endpoints_models_max_tokens_and_n(policy_server):
+    base, model = policy_server
+    assert_error(call(base, "sk-acme", "/v1/completions", prompt="hi", max_tokens=2), 403, "/v1/completions")
+    assert call(base, "sk-acme", "/v1/models", "get").status_code == 200
+    r = chat(base, "sk-acme", model, max_tokens=4, extra_body=None, ignore_eos=True)
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 4
+    err = assert_error(chat(base, "sk-acme", model, max_tokens=9), 400, "at most 8")
+    assert err["param"] == "max_tokens"
+    r = chat(base, "sk-acme", model, ignore_eos=True)  # none asked: the ceiling
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 8
+    assert assert_error(chat(base, "sk-acme", model, max_tokens=2, n=3), 400, "at most 2")["param"] == "n"
+    assert chat(base, "sk-acme", model, max_tokens=2, n=2).status_code == 200
+    err = assert_error(chat(base, "sk-initech", model, max_tokens=2), 403, "may not use the model")
+    assert err["code"] == "model_not_allowed" and err["param"] == "model"
+    assert_error(chat(base, "sk-initech", "no-such-model", max_tokens=2), 404)  # unknown stays 404
+    r = chat(base, "sk-globex", model, max_tokens=40, n=4)
+    assert r.status_code == 200, r.text  # no limits of its own
+
+
+def test_a_cache_group_shares_the_prefix_cache_and_nobody_else(policy_server):
+    base, model = policy_server
+    messages = [{"role": "user", "content": "Group cache probe: the scheduler fills one budget. " * 6}]
+
+    def cached(key):
+        r = call(base, key, "/v1/chat/completions", model=model, max_tokens=1, messages=messages)
+        assert r.status_code == 200, r.text
+        return r.json()["usage"]["prompt_tokens_details"]["cached_tokens"]
+    assert cached("sk-acme") == 0
+    assert cached("sk-globex") > 0     # the same group
+    assert cached("sk-static") == 0    # its own cache
+    assert cached("sk-acme-next") > 0  # another key of the same identity
+
+
+def test_max_concurrent_answers_429_with_retry_after(tmp_path):
+    (tmp_path / "auth.toml").write_text('[identities.a]\nkeys = ["k"]\nmax_concurrent = 1\n')
+    identities = load_identities(None, None, str(tmp_path / "auth.toml"))
+    release = asyncio.Event()
+
+    async def app(scope, receive, send):
+        await release.wait()
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    async def request(mw):
+        sent = []
+
+        async def send(message):
+            sent.append(message)
+        scope = {"type": "http", "path": "/v1/chat/completions", "headers": [(b"authorization", b"Bearer k")]}
+        await mw(scope, None, send)
+        return sent[0]["status"], dict(sent[0]["headers"])
+
+    async def main():
+        mw = AuthMiddleware(app, identities)
+        first = asyncio.create_task(request(mw))
+        await asyncio.sleep(0.01)
+        second = await request(mw)  # the first is still in flight
+        release.set()
+        return await first, second, await request(mw)
+    first, second, third = asyncio.run(main())
+    assert first[0] == 200 and third[0] == 200
+    assert second[0] == 429 and second[1][b"retry-after"] == b"1"
+
+
+@pytest.mark.parametrize("text,message", [
+    ('[identities.a]\nkeys = ["k"]\nmax_token = 3\n', "unknown field(s) max_token"),
+    ('[identities.a]\nkeys = []\n', "keys must be a non-empty list"),
+    ('[identities.a]\nkeys = ["k"]\nmax_tokens = 0\n', "max_tokens must be a positive integer"),
+    ('[identities.a]\nkeys = ["k"]\nadmin = "yes"\n', "admin must be true or false"),
+    ('[identities.a]\nkeys = ["k"]\nmodels = "m"\n', "models must be a list of strings"),
+    ('[tenants.a]\nkeys = ["k"]\n', "expected [identities.NAME] tables"),
+    ('[identities.a\n', "not valid TOML"),
+])
+def test_auth_config_errors_name_the_field(tmp_path, text, message):
+    path = tmp_path / "auth.toml"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=None) as e:
+        load_auth_config(str(path))
+    assert message in str(e.value)
+
+
+def test_auth_config_keys_are_unique_and_names_have_one_source(tmp_path):
+    path = tmp_path / "auth.toml"
+    path.write_text('[identities.a]\nkeys = ["k1"]\n[identities.b]\nkeys = ["k1"]\n')
+    with pytest.raises(ValueError, match="more than once"):
+        load_identities(None, None, str(path))
+    path.write_text('[identities.key-1]\nkeys = ["k2"]\n')
+    with pytest.raises(ValueError, match="also have static keys"):
+        load_identities(["k1"], None, str(path))
