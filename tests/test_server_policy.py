@@ -153,3 +153,58 @@ def test_auth_config_keys_are_unique_and_names_have_one_source(tmp_path):
     path.write_text('[identities.key-1]\nkeys = ["k2"]\n')
     with pytest.raises(ValueError, match="also have static keys"):
         load_identities(["k1"], None, str(path))
+
+
+def test_per_identity_counters_for_the_admin(policy_server):
+    base, model = policy_server
+    assert chat(base, "sk-globex", model, max_tokens=3, ignore_eos=True).status_code == 200
+    assert call(base, "sk-globex", "/metrics", "get").status_code == 403
+    text = call(base, "sk-ops", "/metrics", "get").text
+    series = dict(line.rsplit(" ", 1) for line in text.splitlines() if line.startswith("pagedserve:identity_"))
+    assert float(series['pagedserve:identity_requests_total{identity="globex",outcome="ok"}']) >= 1
+    assert float(series['pagedserve:identity_requests_total{identity="globex",outcome="denied"}']) >= 1
+    assert float(series['pagedserve:identity_tokens_total{identity="globex",kind="completion"}']) >= 3
+
+
+def test_token_quota_refills_over_time_with_an_injected_clock(tmp_path):
+    from pagedserve.server.policy import TokenQuota
+    now = [0.0]
+    quota = TokenQuota(clock=lambda: now[0])
+    assert quota.retry_after("a", 600) is None      # a full minute's worth to start with
+    quota.charge("a", 600, 900)                     # one request overdraws by 300
+    assert quota.retry_after("a", 600) == 31        # 10 tokens a second: 301 to be back above zero
+    now[0] = 30.0
+    assert quota.retry_after("a", 600) == 1
+    now[0] = 31.0
+    assert quota.retry_after("a", 600) is None
+    now[0] = 1000.0
+    quota.charge("a", 600, 600)                     # refilled only up to one minute's worth
+    assert quota.retry_after("a", 600) is not None
+    assert quota.retry_after("b", 600) is None      # buckets are per identity
+
+
+def test_token_quota_through_the_middleware(tmp_path):
+    (tmp_path / "auth.toml").write_text('[identities.a]\nkeys = ["k"]\ntokens_per_minute = 60\n')
+    from pagedserve.server.policy import TokenQuota
+    now = [0.0]
+    mw_quota = TokenQuota(clock=lambda: now[0])
+
+    async def app(scope, receive, send):
+        scope["state"]["usage"].update(prompt_tokens=50, completion_tokens=30)  # as the handlers record it
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    async def request(mw):
+        sent = []
+
+        async def send(message):
+            sent.append(message)
+        await mw({"type": "http", "path": "/v1/completions", "headers": [(b"authorization", b"Bearer k")]}, None,
+                 send)
+        return sent[0]["status"], dict(sent[0]["headers"])
+    mw = AuthMiddleware(app, load_identities(None, None, str(tmp_path / "auth.toml")), quota=mw_quota)
+    assert asyncio.run(request(mw))[0] == 200       # 80 tokens taken from 60: 20 in debt
+    status, headers = asyncio.run(request(mw))
+    assert status == 429 and headers[b"retry-after"] == b"21"
+    now[0] = 21.0
+    assert asyncio.run(request(mw))[0] == 200

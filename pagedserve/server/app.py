@@ -96,7 +96,7 @@ def build_app(engine: AsyncEngine, config: ServerConfig | None = None, tokenizer
     app.state.audit_log, app.state.lifecycle = audit_log, lifecycle
     # innermost first: the body is read only after the key check; the audit sees every refusal
     app.add_middleware(BodyLimitMiddleware, max_bytes=config.max_request_bytes, read_timeout=config.body_read_timeout)
-    app.add_middleware(AuthMiddleware, identities=config.identities)
+    app.add_middleware(AuthMiddleware, identities=config.identities, on_done=metrics.observe_identity)
     app.add_middleware(AdmissionMiddleware, lifecycle=lifecycle)
     if config.access_log:
         app.add_middleware(AccessLogMiddleware)

@@ -11,8 +11,9 @@ import json
 import os
 import stat
 from dataclasses import dataclass
+from typing import Callable
 
-from pagedserve.server.policy import FULL_ACCESS, Policy, endpoint_denial, load_auth_config
+from pagedserve.server.policy import FULL_ACCESS, Policy, TokenQuota, endpoint_denial, load_auth_config
 from pagedserve.server.protocol import OpenAIError
 
 ANONYMOUS = "anonymous"
@@ -123,10 +124,14 @@ class AuthMiddleware:
     identity's policy does not allow on this path, 429 to one over its policy's concurrent requests; puts the
     caller's identity and policy in the request state (and the identity in its audit record)."""
 
-    def __init__(self, app, identities: Identities, open_paths: tuple[str, ...] = ("/health",)) -> None:
+    def __init__(self, app, identities: Identities, open_paths: tuple[str, ...] = ("/health",),
+                 quota: TokenQuota | None = None, on_done: Callable[[str, int, dict], None] | None = None) -> None:
+        """on_done(identity, status, usage): called as each identified request ends (the per-identity metrics)."""
         self.app = app
         self.identities = identities
         self.open_paths = open_paths
+        self.quota = quota or TokenQuota()
+        self.on_done = on_done
         self.in_flight: dict[str, int] = {}  # identity -> requests being answered
 
     async def __call__(self, scope, receive, send):
@@ -145,15 +150,43 @@ class AuthMiddleware:
         if scope["path"] in self.open_paths:
             return await self.app(scope, receive, send)
         policy = state["policy"] = self.identities.policy(name)
-        denial = endpoint_denial(policy, scope["path"])
-        if denial is not None:
-            return await OpenAIError(403, denial, "permission_error", code="forbidden").send(send)
-        if policy.max_concurrent is not None and self.in_flight.get(name, 0) >= policy.max_concurrent:
-            error = OpenAIError(429, f"this identity may have {policy.max_concurrent} requests in flight; wait for "
-                                     "one to finish", "rate_limit_error", code="concurrency_limit_exceeded")
-            return await error.send(send, ((b"retry-after", b"1"),))
-        self.in_flight[name] = self.in_flight.get(name, 0) + 1
+        usage = state["usage"] = {"prompt_tokens": 0, "completion_tokens": 0}  # filled in by the handlers
+        status = [500]
+
+        async def send_and_note(message):
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
         try:
-            return await self.app(scope, receive, send)
+            refusal = self._refusal(name, policy, scope["path"])
+            if refusal is not None:
+                error, headers = refusal
+                return await error.send(send_and_note, headers)
+            self.in_flight[name] = self.in_flight.get(name, 0) + 1
+            try:
+                return await self.app(scope, receive, send_and_note)
+            finally:
+                self.in_flight[name] -= 1
+                if policy.tokens_per_minute is not None:
+                    self.quota.charge(name, policy.tokens_per_minute,
+                                      usage["prompt_tokens"] + usage["completion_tokens"])
         finally:
-            self.in_flight[name] -= 1
+            if self.on_done is not None:
+                self.on_done(name, status[0], usage)
+
+    def _refusal(self, name: str, policy: Policy, path: str) -> tuple[OpenAIError, tuple] | None:
+        """What the policy says to this request before it runs: (the error, its extra headers), or None."""
+        denial = endpoint_denial(policy, path)
+        if denial is not None:
+            return OpenAIError(403, denial, "permission_error", code="forbidden"), ()
+        if policy.max_concurrent is not None and self.in_flight.get(name, 0) >= policy.max_concurrent:
+            return (OpenAIError(429, f"this identity may have {policy.max_concurrent} requests in flight; wait "
+                                     "for one to finish", "rate_limit_error", code="concurrency_limit_exceeded"),
+                    ((b"retry-after", b"1"),))
+        if policy.tokens_per_minute is not None:
+            wait = self.quota.retry_after(name, policy.tokens_per_minute)
+            if wait is not None:
+                return (OpenAIError(429, f"this identity's {policy.tokens_per_minute} tokens a minute are spent; "
+                                         f"retry in {wait} s", "rate_limit_error", code="token_quota_exceeded"),
+                        ((b"retry-after", str(wait).encode()),))
+        return None

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Histogram, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from pagedserve.outputs import RequestOutput
@@ -65,6 +65,20 @@ class ServerMetrics:
         self.ttft = histogram("time_to_first_token_seconds", "Time from arrival to the first generated token.")
         self.itl = histogram("inter_token_latency_seconds", "Time between two steps that gave a request tokens.")
         self.e2e = histogram("e2e_request_latency_seconds", "Time from arrival to the last token of finished requests.")
+        # Per identity: for the admin scope only (/metrics is refused to tenants under --auth-config).
+        self.identity_requests = Counter(PREFIX + "identity_requests", "Requests per identity, by outcome (ok: "
+                                         "answered below 400; denied: 4xx; error: 5xx).", ["identity", "outcome"],
+                                         registry=self.registry)
+        self.identity_tokens = Counter(PREFIX + "identity_tokens", "Prompt and completion tokens per identity.",
+                                       ["identity", "kind"], registry=self.registry)
+
+    def observe_identity(self, identity: str, status: int, usage: dict) -> None:
+        """One identified request ended (AuthMiddleware's on_done)."""
+        outcome = "ok" if status < 400 else "denied" if status < 500 else "error"
+        self.identity_requests.labels(identity, outcome).inc()
+        for kind in ("prompt", "completion"):
+            if usage.get(f"{kind}_tokens"):
+                self.identity_tokens.labels(identity, kind).inc(usage[f"{kind}_tokens"])
 
     def render(self) -> tuple[bytes, str]:
         """The exposition text and its content type."""

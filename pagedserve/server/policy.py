@@ -11,6 +11,7 @@
     max_tokens = 512                    # a request asking more gets 400; one asking none gets this many
     max_n = 4                           # samples, or beam width
     max_concurrent = 2                  # more requests in flight get 429
+    tokens_per_minute = 20000           # prompt + completion tokens; spent: 429 with Retry-After
     cache_group = "acme"                # identities of one group share the prefix cache
 
 Static keys (`--api-key`, `--api-keys-file`) keep today's meaning: every such identity may do everything.
@@ -18,8 +19,11 @@ The file is validated at start; an unknown field, a wrong type or a key given tw
 """
 from __future__ import annotations
 
+import math
+import time
 import tomllib
 from dataclasses import dataclass, fields
+from typing import Callable
 
 ADMIN_PATHS = ("/metrics", "/version")
 
@@ -32,12 +36,13 @@ class Policy:
     max_tokens: int | None = None
     max_n: int | None = None
     max_concurrent: int | None = None
+    tokens_per_minute: int | None = None
     cache_group: str | None = None
 
 
 FULL_ACCESS = Policy(admin=True)  # a static key's, or everyone's when no key is configured
 
-_LISTS, _INTS = ("models", "endpoints"), ("max_tokens", "max_n", "max_concurrent")
+_LISTS, _INTS = ("models", "endpoints"), ("max_tokens", "max_n", "max_concurrent", "tokens_per_minute")
 
 
 def parse_policy(name: str, table: dict) -> tuple[tuple[str, ...], Policy]:
@@ -95,3 +100,29 @@ def endpoint_denial(policy: Policy, path: str) -> str | None:
     if policy.endpoints is not None and path not in policy.endpoints:
         return f"this identity may not call {path}"
     return None
+
+
+class TokenQuota:
+    """A token bucket per identity: tokens_per_minute flow in evenly, up to one minute's worth. A request is let
+    in while its identity's bucket is not in debt; its prompt and completion tokens are taken when it ends (so
+    one request may overdraw, and the next waits until the debt is repaid). clock: injectable, for tests."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self.clock = clock
+        self._level: dict[str, tuple[float, float]] = {}  # identity -> (tokens, when)
+
+    def _refill(self, name: str, per_minute: int) -> float:
+        now = self.clock()
+        level, then = self._level.get(name, (float(per_minute), now))
+        level = min(float(per_minute), level + (now - then) * per_minute / 60)
+        self._level[name] = (level, now)
+        return level
+
+    def retry_after(self, name: str, per_minute: int) -> int | None:
+        """None if the identity may start a request now, else the whole seconds until it may."""
+        level = self._refill(name, per_minute)
+        return None if level > 0 else max(1, math.ceil((-level + 1) * 60 / per_minute))
+
+    def charge(self, name: str, per_minute: int, tokens: int) -> None:
+        level = self._refill(name, per_minute)
+        self._level[name] = (level - tokens, self._level[name][1])

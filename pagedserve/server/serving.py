@@ -318,6 +318,9 @@ class OpenAIServing:
                 reasons = [r or "abort" for r in reasons] or ["abort"]
             audit(request, prompt_tokens=u["prompt_tokens"], completion_tokens=u["completion_tokens"],
                   cached_tokens=u["prompt_tokens_details"]["cached_tokens"], finish_reason=finish_reason_of(reasons))
+            usage = getattr(request.state, "usage", None)  # the identity's quota and counters (AuthMiddleware)
+            if usage is not None:
+                usage.update(prompt_tokens=u["prompt_tokens"], completion_tokens=u["completion_tokens"])
             if status is not None:
                 audit(request, status_code=status)
             if error is not None:
