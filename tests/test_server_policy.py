@@ -130,7 +130,7 @@ def test_max_concurrent_answers_429_with_retry_after(tmp_path):
 
 @pytest.mark.parametrize("text,message", [
     ('[identities.a]\nkeys = ["k"]\nmax_token = 3\n', "unknown field(s) max_token"),
-    ('[identities.a]\nkeys = []\n', "keys must be a non-empty list"),
+    ('[identities.a]\nkeys = []\n', "keys must be a non-empty list (or configure [jwt])"),
     ('[identities.a]\nkeys = ["k"]\nmax_tokens = 0\n', "max_tokens must be a positive integer"),
     ('[identities.a]\nkeys = ["k"]\nadmin = "yes"\n', "admin must be true or false"),
     ('[identities.a]\nkeys = ["k"]\nmodels = "m"\n', "models must be a list of strings"),
@@ -208,3 +208,80 @@ def test_token_quota_through_the_middleware(tmp_path):
     assert status == 429 and headers[b"retry-after"] == b"21"
     now[0] = 21.0
     assert asyncio.run(request(mw))[0] == 200
+
+
+# ---- signed, short-lived identities (JWT) ---------------------------------------------------------------
+@pytest.fixture(scope="module")
+def jwt_setup(tmp_path_factory):
+    """An auth config trusting one Ed25519 and one RSA issuer key; (identities, signing keys, config path)."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
+    folder = tmp_path_factory.mktemp("jwt")
+    ed, rs = ed25519.Ed25519PrivateKey.generate(), rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    for name, key in (("ed.pem", ed), ("rsa.pem", rs)):
+        (folder / name).write_bytes(key.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+    (folder / "auth.toml").write_text(CONFIG.replace('[identities.initech]', '[identities.umbrella]\n'
+                                                     '[identities.initech]')
+                                      + '\n[jwt]\npublic_keys = ["ed.pem", "rsa.pem"]\naudience = "pagedserve"\n'
+                                        'leeway_s = 5\n')
+    return load_identities(None, None, str(folder / "auth.toml")), ed, rs, folder / "auth.toml"
+
+
+def token(key, alg="EdDSA", sub="acme", aud="pagedserve", exp_in=60, nbf_in=None, **claims):
+    import time
+
+    import jwt
+    now = int(time.time())
+    body = {"sub": sub, "aud": aud, "exp": now + exp_in, **claims}
+    if nbf_in is not None:
+        body["nbf"] = now + nbf_in
+    return jwt.encode(body, key, algorithm=alg)
+
+
+def test_jwts_are_verified_and_their_identity_gets_its_policy(jwt_setup):
+    identities, ed, rs, _ = jwt_setup
+
+    def who(tok):
+        found = identities.authenticate(f"Bearer {tok}")
+        return found and found[0]
+    assert who(token(ed)) == "acme" and who(token(rs, "RS256", sub="umbrella")) == "umbrella"
+    assert identities.authenticate(f"Bearer {token(ed)}")[1].max_tokens == 8  # acme's policy
+    assert who(token(ed, exp_in=-60)) is None                 # expired (beyond the 5 s leeway)
+    assert who(token(ed, exp_in=-2)) == "acme"                 # within the leeway
+    assert who(token(ed, nbf_in=60)) is None                   # not yet valid
+    assert who(token(ed, aud="another-server")) is None        # another audience
+    assert who(token(ed, sub="nobody")) is None                # no such identity configured
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+    assert who(token(ed25519.Ed25519PrivateKey.generate())) is None  # a key nobody trusts
+    import jwt
+    unsigned = jwt.encode({"sub": "ops", "aud": "pagedserve", "exp": 2**40}, None, algorithm="none")
+    assert who(unsigned) is None                               # alg: none
+    assert who(jwt.encode({"sub": "ops", "aud": "pagedserve", "exp": 2**40}, "guess", algorithm="HS256")) is None
+    assert who("a.b.c") is None                                # not a token at all
+    no_exp = jwt.encode({"sub": "acme", "aud": "pagedserve"}, ed, algorithm="EdDSA")
+    assert who(no_exp) is None                                 # exp is required
+    assert identities.authenticate("Bearer sk-acme")[0] == "acme"  # keys still work beside JWTs
+
+
+def test_a_token_narrows_never_widens(jwt_setup):
+    identities, ed, _, _ = jwt_setup
+    acme = identities.authenticate(f"Bearer {token(ed, scope='admin inference')}")[1]
+    assert acme.admin is False  # acme's policy is not admin: the token cannot make it one
+    ops = identities.authenticate(f"Bearer {token(ed, sub='ops', scope='inference')}")[1]
+    assert ops.admin is False   # ops is admin, but this token leaves the scope out
+    ops_full = identities.authenticate(f"Bearer {token(ed, sub='ops', scope=['admin', 'inference'])}")[1]
+    assert ops_full.admin is True and ops_full.endpoints is None
+    read_only = identities.authenticate(f"Bearer {token(ed, sub='ops', scope='admin')}")[1]
+    assert read_only.endpoints == ()  # no inference scope: only the admin paths are left
+
+
+def test_jwts_through_the_server(jwt_setup, tiny_model_dir):
+    identities, ed, _, _ = jwt_setup
+    with running_server(tiny_model_dir, ServerConfig(identities=identities)) as (base, _):
+        model = os.path.basename(tiny_model_dir)
+        assert chat(base, token(ed), model, max_tokens=2).status_code == 200
+        assert_error(chat(base, token(ed, exp_in=-60), model, max_tokens=2), 401)
+        assert call(base, token(ed, sub="ops", scope="admin"), "/metrics", "get").status_code == 200
+        assert_error(call(base, token(ed, sub="ops", scope="inference"), "/metrics", "get"), 403, "admin")
+        assert_error(chat(base, token(ed, sub="ops", scope="admin"), model, max_tokens=2), 403)

@@ -13,7 +13,8 @@ import stat
 from dataclasses import dataclass
 from typing import Callable
 
-from pagedserve.server.policy import FULL_ACCESS, Policy, TokenQuota, endpoint_denial, load_auth_config
+from pagedserve.server.policy import (FULL_ACCESS, JWTConfig, Policy, TokenQuota, endpoint_denial, load_auth_config,
+                                      narrow, verify_jwt)
 from pagedserve.server.protocol import OpenAIError
 
 ANONYMOUS = "anonymous"
@@ -23,10 +24,25 @@ ANONYMOUS = "anonymous"
 class Identities:
     keys: tuple[tuple[str, str], ...] = ()  # (key, name)
     policies: tuple[tuple[str, Policy], ...] = ()  # (name, policy) of --auth-config's identities
+    jwt: JWTConfig | None = None  # signed identities, as well as the keys
 
     @property
     def required(self) -> bool:
-        return bool(self.keys)
+        return bool(self.keys) or self.jwt is not None
+
+    def authenticate(self, authorization: str | None) -> tuple[str, Policy] | None:
+        """The identity of an `Authorization: Bearer ...` header (a key, or a JWT naming a configured identity)
+        and what it may do now; None when it is neither."""
+        name = self.identify(authorization)
+        if name is not None:
+            return name, self.policy(name)
+        if self.jwt is None:
+            return None
+        token = (authorization or "").strip().partition(" ")[2].strip()
+        verified = verify_jwt(token, self.jwt) if token.count(".") == 2 else None
+        if verified is None or verified[0] not in dict(self.policies):
+            return None
+        return verified[0], narrow(self.policy(verified[0]), verified[1])
 
     def policy(self, name: str) -> Policy:
         """What an identity may do: its --auth-config policy; a static key's (or no key's) may do everything."""
@@ -40,6 +56,8 @@ class Identities:
         """
         if not self.required:
             return ANONYMOUS
+        if not self.keys:
+            return None
         scheme, _, token = (authorization or "").strip().partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
             return None
@@ -95,8 +113,9 @@ def load_identities(api_keys: list[str] | None = None, api_keys_file: str | None
         if not pairs:
             raise ValueError(f"{api_keys_file} holds no `name:key` line")
     policies: dict[str, Policy] = {}
+    jwt_config = None
     if auth_config:
-        config_pairs, policies = load_auth_config(auth_config)
+        config_pairs, policies, jwt_config = load_auth_config(auth_config)
         clash = sorted({n for _, n in pairs} & set(policies))
         if clash:
             raise ValueError(f"{auth_config}: identities {', '.join(clash)} also have static keys (--api-key, "
@@ -105,7 +124,7 @@ def load_identities(api_keys: list[str] | None = None, api_keys_file: str | None
     keys = [k for k, _ in pairs]
     if len(set(keys)) != len(keys):  # one name may have several keys (rotation), one key one name
         raise ValueError("the same API key is given more than once")
-    return Identities(tuple(pairs), tuple(policies.items()))
+    return Identities(tuple(pairs), tuple(policies.items()), jwt_config)
 
 
 def cache_salt(identity: str, request_salt: str | None, shared_prefix_cache: bool,
@@ -139,7 +158,8 @@ class AuthMiddleware:
             return await self.app(scope, receive, send)
         state = scope.setdefault("state", {})
         header = next((v.decode("latin-1") for k, v in scope.get("headers", ()) if k == b"authorization"), None)
-        name = self.identities.identify(header)
+        found = self.identities.authenticate(header)
+        name, policy = found if found is not None else (None, None)
         if name is None and scope["path"] not in self.open_paths:
             error = OpenAIError(401, "a valid API key is required: send the header `Authorization: Bearer KEY`",
                                 "authentication_error", code="invalid_api_key")
@@ -149,7 +169,7 @@ class AuthMiddleware:
             state["audit"]["identity"] = name
         if scope["path"] in self.open_paths:
             return await self.app(scope, receive, send)
-        policy = state["policy"] = self.identities.policy(name)
+        state["policy"] = policy
         usage = state["usage"] = {"prompt_tokens": 0, "completion_tokens": 0}  # filled in by the handlers
         status = [500]
 

@@ -14,12 +14,23 @@
     tokens_per_minute = 20000           # prompt + completion tokens; spent: 429 with Retry-After
     cache_group = "acme"                # identities of one group share the prefix cache
 
+    [jwt]                               # signed, short-lived identities as well as keys
+    public_keys = ["issuer.pem"]        # PEM (Ed25519 or RSA), relative to this file
+    audience = "pagedserve"             # aud must name it; exp is required; nbf honoured
+    issuer = "https://auth.example"     # optional: iss must match
+    leeway_s = 30                       # clock skew allowed (at most 300)
+
+A bearer JWT's `sub` names its identity (which must have a table here; `keys` may then be left out) and its
+`scope` claim ("admin inference", or a list) can narrow, never widen, that identity's policy.
+
 Static keys (`--api-key`, `--api-keys-file`) keep today's meaning: every such identity may do everything.
 The file is validated at start; an unknown field, a wrong type or a key given twice is an error naming it.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
+import os
 import time
 import tomllib
 from dataclasses import dataclass, fields
@@ -52,9 +63,9 @@ def parse_policy(name: str, table: dict) -> tuple[tuple[str, ...], Policy]:
     unknown = sorted(set(table) - known)
     if unknown:
         raise ValueError(f"{where}: unknown field(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
-    keys = table.get("keys")
-    if not isinstance(keys, list) or not keys or not all(isinstance(k, str) and k.strip() for k in keys):
-        raise ValueError(f"{where}: keys must be a non-empty list of non-empty strings")
+    keys = table.get("keys", [])
+    if not isinstance(keys, list) or not all(isinstance(k, str) and k.strip() for k in keys):
+        raise ValueError(f"{where}: keys must be a list of non-empty strings")
     values = {}
     for field_name, value in table.items():
         if field_name == "keys":
@@ -73,24 +84,92 @@ def parse_policy(name: str, table: dict) -> tuple[tuple[str, ...], Policy]:
     return tuple(k.strip() for k in keys), Policy(**values)
 
 
-def load_auth_config(path: str) -> tuple[list[tuple[str, str]], dict[str, Policy]]:
-    """The file's (key, identity) pairs and each identity's policy."""
+@dataclass(frozen=True)
+class JWTConfig:
+    keys: tuple[object, ...]  # public keys (cryptography objects)
+    audience: str
+    issuer: str | None = None
+    leeway_s: float = 30.0
+    algorithms: tuple[str, ...] = ("EdDSA", "RS256")
+
+
+def parse_jwt(table: dict, base_dir: str) -> JWTConfig:
+    from cryptography.hazmat.primitives.serialization import load_pem_public_key
+    unknown = sorted(set(table) - {"public_keys", "audience", "issuer", "leeway_s"})
+    if unknown:
+        raise ValueError(f"[jwt]: unknown field(s) {', '.join(unknown)}")
+    paths, audience = table.get("public_keys"), table.get("audience")
+    if not isinstance(paths, list) or not paths or not all(isinstance(p, str) for p in paths):
+        raise ValueError("[jwt]: public_keys must be a non-empty list of PEM file paths")
+    if not isinstance(audience, str) or not audience:
+        raise ValueError("[jwt]: audience is required (tokens must be minted for this server)")
+    issuer, leeway = table.get("issuer"), table.get("leeway_s", 30)
+    if issuer is not None and not isinstance(issuer, str):
+        raise ValueError("[jwt]: issuer must be a string")
+    if isinstance(leeway, bool) or not isinstance(leeway, (int, float)) or not 0 <= leeway <= 300:
+        raise ValueError(f"[jwt]: leeway_s must be between 0 and 300 seconds, got {leeway!r}")
+    keys = []
+    for p in paths:
+        full = p if os.path.isabs(p) else os.path.join(base_dir, p)
+        try:
+            with open(full, "rb") as f:
+                keys.append(load_pem_public_key(f.read()))
+        except (OSError, ValueError) as e:
+            raise ValueError(f"[jwt]: cannot read the public key {full}: {e}") from None
+    return JWTConfig(tuple(keys), audience, issuer, float(leeway))
+
+
+def load_auth_config(path: str) -> tuple[list[tuple[str, str]], dict[str, Policy], JWTConfig | None]:
+    """The file's (key, identity) pairs, each identity's policy, and its [jwt] settings (None: no JWTs)."""
     with open(path, "rb") as f:
         try:
             doc = tomllib.load(f)
         except tomllib.TOMLDecodeError as e:
             raise ValueError(f"{path}: not valid TOML: {e}") from None
-    unknown = sorted(set(doc) - {"identities"})
+    unknown = sorted(set(doc) - {"identities", "jwt"})
     if unknown or not isinstance(doc.get("identities"), dict) or not doc["identities"]:
-        raise ValueError(f"{path}: expected [identities.NAME] tables and nothing else"
+        raise ValueError(f"{path}: expected [identities.NAME] tables (and a [jwt] table) and nothing else"
                          + (f" (unknown: {', '.join(unknown)})" if unknown else ""))
+    jwt_config = parse_jwt(doc["jwt"], os.path.dirname(os.path.abspath(path))) if "jwt" in doc else None
     pairs, policies = [], {}
     for name, table in doc["identities"].items():
         if not isinstance(table, dict):
             raise ValueError(f"{path}: identities.{name} must be a table")
         keys, policies[name] = parse_policy(name, table)
+        if not keys and jwt_config is None:
+            raise ValueError(f"[identities.{name}]: keys must be a non-empty list (or configure [jwt])")
         pairs += [(k, name) for k in keys]
-    return pairs, policies
+    return pairs, policies, jwt_config
+
+
+def verify_jwt(token: str, config: JWTConfig) -> tuple[str, frozenset[str] | None] | None:
+    """(sub, scopes or None when the token names none) of a token signed by one of the keys, for this audience,
+    within its lifetime; None otherwise (expired, not yet valid, another audience or issuer, `alg: none`...)."""
+    import jwt
+    for key in config.keys:
+        try:
+            claims = jwt.decode(token, key, algorithms=list(config.algorithms), audience=config.audience,
+                                issuer=config.issuer, leeway=config.leeway_s,
+                                options={"require": ["exp", "sub", "aud"]})
+        except (jwt.PyJWTError, TypeError, ValueError):  # TypeError: this key is not of the token's algorithm
+            continue
+        sub, scope = claims.get("sub"), claims.get("scope")
+        if not isinstance(sub, str) or not sub:
+            return None
+        if scope is None:
+            return sub, None
+        scopes = scope.split() if isinstance(scope, str) else scope if isinstance(scope, list) else None
+        return (sub, frozenset(map(str, scopes))) if scopes is not None else None
+    return None
+
+
+def narrow(policy: Policy, scopes: frozenset[str] | None) -> Policy:
+    """A token's scopes can take away, never add: admin needs the policy's and the token's; without the
+    `inference` scope no endpoint but the admin ones is left."""
+    if scopes is None:
+        return policy
+    return dataclasses.replace(policy, admin=policy.admin and "admin" in scopes,
+                               endpoints=policy.endpoints if "inference" in scopes else ())
 
 
 def endpoint_denial(policy: Policy, path: str) -> str | None:
