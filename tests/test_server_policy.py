@@ -257,7 +257,9 @@ def test_jwts_are_verified_and_their_identity_gets_its_policy(jwt_setup):
     import jwt
     unsigned = jwt.encode({"sub": "ops", "aud": "pagedserve", "exp": 2**40}, None, algorithm="none")
     assert who(unsigned) is None                               # alg: none
-    assert who(jwt.encode({"sub": "ops", "aud": "pagedserve", "exp": 2**40}, "guess", algorithm="HS256")) is None
+    hmac_token = jwt.encode({"sub": "ops", "aud": "pagedserve", "exp": 2**40}, "a-guessed-shared-secret-of-32-bytes!",
+                            algorithm="HS256")
+    assert who(hmac_token) is None                             # HMAC: not an algorithm this server takes
     assert who("a.b.c") is None                                # not a token at all
     no_exp = jwt.encode({"sub": "acme", "aud": "pagedserve"}, ed, algorithm="EdDSA")
     assert who(no_exp) is None                                 # exp is required
