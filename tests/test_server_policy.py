@@ -287,3 +287,55 @@ def test_jwts_through_the_server(jwt_setup, tiny_model_dir):
         assert call(base, token(ed, sub="ops", scope="admin"), "/metrics", "get").status_code == 200
         assert_error(call(base, token(ed, sub="ops", scope="inference"), "/metrics", "get"), 403, "admin")
         assert_error(chat(base, token(ed, sub="ops", scope="admin"), model, max_tokens=2), 403)
+
+
+def test_revoking_an_identity_live_ends_its_requests_and_refuses_new_ones(tiny_model_dir, tmp_path):
+    """The reload SIGHUP runs: an identity gone from --auth-config gets 401 on its next request, its streaming
+    request is cut off at once, audited as identity_revoked; the others go on."""
+    import json
+    import time
+
+    from pagedserve.async_engine import AsyncEngine
+    from pagedserve.engine import LLMEngine
+    from pagedserve.server.app import build_app
+    from test_server import ENGINE, serve_in_thread
+    auth = tmp_path / "auth.toml"
+    auth.write_text('[identities.a]\nkeys = ["sk-a"]\n[identities.b]\nkeys = ["sk-b"]\n')
+    audit = tmp_path / "audit.jsonl"
+    config = ServerConfig(identities=load_identities(None, None, str(auth)), audit_log=str(audit))
+    engine = AsyncEngine(LLMEngine(model=tiny_model_dir, **ENGINE))
+    app = build_app(engine, config, reload_identities=lambda: load_identities(None, None, str(auth)))
+    server, thread, sock, base = serve_in_thread(app, config)
+    model = os.path.basename(tiny_model_dir)
+    try:
+        body = {"model": model, "prompt": [5, 6, 7], "max_tokens": 200, "ignore_eos": True, "stream": True}
+        chunks = 0
+        with httpx.stream("POST", f"{base}/v1/completions", json=body, headers={"Authorization": "Bearer sk-b"},
+                          timeout=60) as r:
+            try:
+                for line in r.iter_lines():
+                    if line.startswith("data: {"):
+                        chunks += 1
+                        if chunks == 2:  # b is mid-answer: revoke it
+                            auth.write_text('[identities.a]\nkeys = ["sk-a"]\n')
+                            app.state.loop.call_soon_threadsafe(app.state.reload_identities)
+            except httpx.HTTPError:
+                pass  # the connection is closed under the stream
+        assert chunks < 150  # cut off, not run to its 200 tokens
+        assert_error(call(base, "sk-b", "/v1/completions", prompt="hi", max_tokens=1), 401)
+        assert call(base, "sk-a", "/v1/completions", model=model, prompt="hi", max_tokens=1).status_code == 200
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            records = [json.loads(x) for x in audit.read_text().splitlines()] if audit.exists() else []
+            if len(records) >= 3:
+                break
+            time.sleep(0.05)
+        revoked = [r for r in records if r["identity"] == "b" and r["endpoint"] == "/v1/completions"]
+        assert revoked and revoked[0]["error"] == "identity_revoked"
+        while engine.stats()["kv_blocks_used"] and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert engine.stats()["kv_blocks_used"] == 0 and engine.stats()["num_requests_running"] == 0
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        sock.close()

@@ -7,6 +7,8 @@ import contextlib
 import copy
 import logging
 import shlex
+import signal
+from typing import Callable
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -18,7 +20,7 @@ from pagedserve.async_engine import AsyncEngine
 from pagedserve.config import EngineConfig
 from pagedserve.server.args import ServerConfig, server_config
 from pagedserve.server.audit import AccessLogMiddleware, AuditLog, AuditMiddleware
-from pagedserve.server.auth import AuthMiddleware, keys_file_warning
+from pagedserve.server.auth import AuthMiddleware, Identities, IdentityStore, keys_file_warning
 from pagedserve.server.body_limit import BodyLimitMiddleware
 from pagedserve.server.lifecycle import AdmissionMiddleware, Lifecycle, build_server
 from pagedserve.server.metrics import ServerMetrics
@@ -70,18 +72,35 @@ def _error(status: int, message: str, type: str, param: str | None = None, code:
     return _error_response(OpenAIError(status, message, type, param, code))
 
 
-def build_app(engine: AsyncEngine, config: ServerConfig | None = None, tokenizer=None) -> FastAPI:
-    """The app around a (not yet started) AsyncEngine; the app's lifespan starts and stops it."""
+def build_app(engine: AsyncEngine, config: ServerConfig | None = None, tokenizer=None,
+              reload_identities: Callable[[], Identities] | None = None) -> FastAPI:
+    """The app around a (not yet started) AsyncEngine; the app's lifespan starts and stops it.
+    reload_identities: reads the keys and --auth-config again, for SIGHUP (identities gone are revoked)."""
     config = config or ServerConfig()
+    identities = IdentityStore(config.identities)
     tokenizer = tokenizer if tokenizer is not None else copy.deepcopy(engine.engine.tokenizer)
     metrics = ServerMetrics(engine.stats)
     serving = OpenAIServing(engine, tokenizer, config, metrics)
     audit_log = AuditLog(config.audit_log, config.audit_key) if config.audit_log else None
     lifecycle = Lifecycle()
 
+    def reload() -> None:
+        try:
+            revoked = identities.replace(reload_identities())
+        except Exception as e:  # a broken file keeps the identities in force
+            logger.error("SIGHUP: could not reload the identities, keeping the current ones: %s", e)
+            return
+        logger.warning("SIGHUP: identities reloaded%s", f"; revoked: {', '.join(revoked)}" if revoked else "")
+
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
         engine.start()
+        app.state.loop = asyncio.get_running_loop()  # where a reload must run (it cancels this loop's tasks)
+        if reload_identities is not None and hasattr(signal, "SIGHUP"):
+            try:
+                app.state.loop.add_signal_handler(signal.SIGHUP, reload)
+            except (RuntimeError, ValueError):  # not the main thread (an embedded server): reload by hand
+                logger.warning("SIGHUP cannot reload the identities here: not in the main thread")
         try:
             yield
         finally:
@@ -96,7 +115,8 @@ def build_app(engine: AsyncEngine, config: ServerConfig | None = None, tokenizer
     app.state.audit_log, app.state.lifecycle = audit_log, lifecycle
     # innermost first: the body is read only after the key check; the audit sees every refusal
     app.add_middleware(BodyLimitMiddleware, max_bytes=config.max_request_bytes, read_timeout=config.body_read_timeout)
-    app.add_middleware(AuthMiddleware, identities=config.identities, on_done=metrics.observe_identity)
+    app.state.identities, app.state.reload_identities = identities, reload
+    app.add_middleware(AuthMiddleware, identities=identities, on_done=metrics.observe_identity)
     app.add_middleware(AdmissionMiddleware, lifecycle=lifecycle)
     if config.access_log:
         app.add_middleware(AccessLogMiddleware)
@@ -192,7 +212,7 @@ def run_server(args: argparse.Namespace, engine_config: EngineConfig) -> int:
     if warning:
         logger.warning(warning)
     engine = AsyncEngine(LLMEngine(engine_config), max_waiting=config.max_waiting)
-    app = build_app(engine, config)
+    app = build_app(engine, config, reload_identities=lambda: server_config(args).identities)
     names = config.served_model_names or (engine.model_name,)
     # listening: now say how to call it
     server = build_server(app, config, on_started=lambda: print(usage_banner(config, names[0]), flush=True))

@@ -280,8 +280,9 @@ class AuditMiddleware:
         try:
             await self.app(scope, receive, send_and_note)
         except asyncio.CancelledError:
-            if record["status_code"] is None:  # cut off (the server stopped) before any answer
-                record["status_code"], record["error"] = 503, "cancelled"
+            if record["status_code"] is None:  # cut off (the server stopped, the identity revoked) before any answer
+                record["status_code"] = 503
+            record["error"] = record["error"] or "cancelled"
             raise
         finally:
             if record["status_code"] is None:

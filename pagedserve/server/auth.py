@@ -6,8 +6,10 @@ written anywhere. With no key configured every request is ANONYMOUS and no key i
 """
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
+import logging
 import os
 import stat
 from dataclasses import dataclass
@@ -127,6 +129,35 @@ def load_identities(api_keys: list[str] | None = None, api_keys_file: str | None
     return Identities(tuple(pairs), tuple(policies.items()), jwt_config)
 
 
+logger = logging.getLogger(__name__)
+
+
+class IdentityStore:
+    """The identities in force, replaceable while the server runs (SIGHUP), and the requests each is answering,
+    so that revoking an identity ends them at once."""
+
+    def __init__(self, identities: Identities) -> None:
+        self.identities = identities
+        self.running: dict[str, set[asyncio.Task]] = {}
+        self.revoked_tasks: set[asyncio.Task] = set()
+
+    def names(self) -> set[str]:
+        ids = self.identities
+        return {n for _, n in ids.keys} | {n for n, _ in ids.policies} | ({ANONYMOUS} if not ids.required else set())
+
+    def replace(self, identities: Identities) -> list[str]:
+        """Put new identities in force; those no longer there are revoked: their running requests are cancelled
+        (their audit lines say identity_revoked). Returns the revoked names."""
+        before = self.names()
+        self.identities = identities
+        revoked = sorted(before - self.names())
+        for name in revoked:
+            for task in self.running.get(name, ()):
+                self.revoked_tasks.add(task)
+                task.cancel()
+        return revoked
+
+
 def cache_salt(identity: str, request_salt: str | None, shared_prefix_cache: bool,
                cache_group: str | None = None) -> str | None:
     """The engine's cache_salt for a request: its identity (or its policy's cache group) is mixed in unless
@@ -143,11 +174,12 @@ class AuthMiddleware:
     identity's policy does not allow on this path, 429 to one over its policy's concurrent requests; puts the
     caller's identity and policy in the request state (and the identity in its audit record)."""
 
-    def __init__(self, app, identities: Identities, open_paths: tuple[str, ...] = ("/health",),
+    def __init__(self, app, identities: Identities | IdentityStore, open_paths: tuple[str, ...] = ("/health",),
                  quota: TokenQuota | None = None, on_done: Callable[[str, int, dict], None] | None = None) -> None:
-        """on_done(identity, status, usage): called as each identified request ends (the per-identity metrics)."""
+        """identities: fixed, or a store that SIGHUP may change. on_done(identity, status, usage): called as each
+        identified request ends (the per-identity metrics)."""
         self.app = app
-        self.identities = identities
+        self.store = identities if isinstance(identities, IdentityStore) else IdentityStore(identities)
         self.open_paths = open_paths
         self.quota = quota or TokenQuota()
         self.on_done = on_done
@@ -158,7 +190,7 @@ class AuthMiddleware:
             return await self.app(scope, receive, send)
         state = scope.setdefault("state", {})
         header = next((v.decode("latin-1") for k, v in scope.get("headers", ()) if k == b"authorization"), None)
-        found = self.identities.authenticate(header)
+        found = self.store.identities.authenticate(header)
         name, policy = found if found is not None else (None, None)
         if name is None and scope["path"] not in self.open_paths:
             error = OpenAIError(401, "a valid API key is required: send the header `Authorization: Bearer KEY`",
@@ -183,10 +215,18 @@ class AuthMiddleware:
                 error, headers = refusal
                 return await error.send(send_and_note, headers)
             self.in_flight[name] = self.in_flight.get(name, 0) + 1
+            task = asyncio.current_task()
+            self.store.running.setdefault(name, set()).add(task)
             try:
                 return await self.app(scope, receive, send_and_note)
+            except asyncio.CancelledError:
+                if task in self.store.revoked_tasks and "audit" in state:
+                    state["audit"]["error"] = "identity_revoked"
+                raise
             finally:
                 self.in_flight[name] -= 1
+                self.store.running[name].discard(task)
+                self.store.revoked_tasks.discard(task)
                 if policy.tokens_per_minute is not None:
                     self.quota.charge(name, policy.tokens_per_minute,
                                       usage["prompt_tokens"] + usage["completion_tokens"])
