@@ -123,3 +123,23 @@ def test_audit_summary_per_identity_and_window(tmp_path, capsys):
     assert main(["audit", "summary", str(path), "--window", "1"]) == 0
     out = capsys.readouterr().out
     assert "2026-12-05 10:00" in out and "2026-12-05 10:01" in out and "bob" in out
+
+
+def test_rotation_keeps_the_chain_across_files(tmp_path):
+    """logrotate moves the file, then SIGHUP reopens the path: the new file goes on with the chain."""
+    path = tmp_path / "audit.jsonl"
+    audit = AuditLog(str(path), KEY)
+    for _ in range(3):
+        audit.write(new_record("/v1/completions"))
+    path.rename(tmp_path / "audit.jsonl.1")
+    audit.reopen()
+    for _ in range(2):
+        audit.write(new_record("/v1/chat/completions"))
+    audit.close()
+    assert [json.loads(x)["seq"] for x in lines(path)] == [3, 4]
+    assert verify_chain([str(tmp_path / "audit.jsonl.1"), str(path)], KEY) == (5, [])
+    _, problems = verify_chain([str(path)], KEY)  # the new file alone: its first lines are elsewhere
+    assert "continues another" in problems[0]
+    old = lines(tmp_path / "audit.jsonl.1")
+    (tmp_path / "audit.jsonl.1").write_text("".join(old[:-1]))  # the rotated file's last line removed
+    assert "seq 3 where 2 was due" in verify_chain([str(tmp_path / "audit.jsonl.1"), str(path)], KEY)[1][0]

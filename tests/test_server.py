@@ -433,7 +433,8 @@ def test_identity_isolation_and_audit(model_dir, tmp_path):
     assert "sk-alice-secret" not in text and "sk-bob-secret" not in text
     records = [json.loads(line) for line in text.splitlines()]
     fields = {"time", "identity", "request_id", "endpoint", "model", "prompt_tokens", "completion_tokens",
-              "cached_tokens", "finish_reason", "status_code", "error", "latency_s", "seq", "prev"}
+              "cached_tokens", "finish_reason", "status_code", "error", "latency_s", "seq", "prev", "decision",
+              "rule"}
     assert all(set(r) == fields for r in records)
     done = [r for r in records if r["endpoint"] == "/v1/completions" and r["status_code"] == 200]
     assert [r["identity"] for r in done] == ["alice", "alice", "bob", "bob"]

@@ -318,7 +318,7 @@ def test_revoking_an_identity_live_ends_its_requests_and_refuses_new_ones(tiny_m
                         chunks += 1
                         if chunks == 2:  # b is mid-answer: revoke it
                             auth.write_text('[identities.a]\nkeys = ["sk-a"]\n')
-                            app.state.loop.call_soon_threadsafe(app.state.reload_identities)
+                            app.state.loop.call_soon_threadsafe(app.state.reload)
             except httpx.HTTPError:
                 pass  # the connection is closed under the stream
         assert chunks < 150  # cut off, not run to its 200 tokens
@@ -331,7 +331,9 @@ def test_revoking_an_identity_live_ends_its_requests_and_refuses_new_ones(tiny_m
                 break
             time.sleep(0.05)
         revoked = [r for r in records if r["identity"] == "b" and r["endpoint"] == "/v1/completions"]
-        assert revoked and revoked[0]["error"] == "identity_revoked"
+        assert revoked and revoked[0]["error"] == "identity_revoked" and revoked[0]["decision"] == "allowed"
+        denied = [r for r in records if r["identity"] is None and r["endpoint"] == "/v1/completions"]
+        assert denied and denied[0]["decision"] == "denied" and denied[0]["rule"] == "invalid_api_key"
         while engine.stats()["kv_blocks_used"] and time.monotonic() < deadline:
             time.sleep(0.05)
         assert engine.stats()["kv_blocks_used"] == 0 and engine.stats()["num_requests_running"] == 0

@@ -85,6 +85,8 @@ def build_app(engine: AsyncEngine, config: ServerConfig | None = None, tokenizer
     lifecycle = Lifecycle()
 
     def reload() -> None:
+        if audit_log is not None:  # logrotate's postrotate sends SIGHUP too
+            audit_log.reopen()
         try:
             revoked = identities.replace(reload_identities())
         except Exception as e:  # a broken file keeps the identities in force
@@ -115,7 +117,7 @@ def build_app(engine: AsyncEngine, config: ServerConfig | None = None, tokenizer
     app.state.audit_log, app.state.lifecycle = audit_log, lifecycle
     # innermost first: the body is read only after the key check; the audit sees every refusal
     app.add_middleware(BodyLimitMiddleware, max_bytes=config.max_request_bytes, read_timeout=config.body_read_timeout)
-    app.state.identities, app.state.reload_identities = identities, reload
+    app.state.identities, app.state.reload = identities, reload
     app.add_middleware(AuthMiddleware, identities=identities, on_done=metrics.observe_identity)
     app.add_middleware(AdmissionMiddleware, lifecycle=lifecycle)
     if config.access_log:

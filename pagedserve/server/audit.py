@@ -39,6 +39,12 @@ logger = logging.getLogger(__name__)
 access_logger = logging.getLogger("pagedserve.access")
 
 
+# The error codes of refusals by the key check and the identity's policy: a line with one of these was denied
+# by that rule; every other line was allowed (it may still have failed, as its status and error say).
+POLICY_RULES = ("invalid_api_key", "forbidden", "model_not_allowed", "concurrency_limit_exceeded",
+                "token_quota_exceeded", "max_tokens_over_policy", "n_over_policy")
+
+
 def new_record(endpoint: str | None) -> dict:
     return {
         "time": datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
@@ -46,6 +52,13 @@ def new_record(endpoint: str | None) -> dict:
         "prompt_tokens": 0, "completion_tokens": 0, "cached_tokens": 0,
         "finish_reason": None, "status_code": None, "error": None, "latency_s": None,
     }
+
+
+def decision(record: dict) -> dict:
+    """The access decision of a finished record: {"decision": "allowed"} or {"decision": "denied", "rule": ...}."""
+    if record.get("error") in POLICY_RULES:
+        return {"decision": "denied", "rule": record["error"]}
+    return {"decision": "allowed", "rule": None}
 
 
 def finish_reason_of(reasons: list[str | None]) -> str | None:
@@ -147,6 +160,13 @@ class AuditLog:
         with os.fdopen(fd, "w", encoding="ascii") as f:
             f.write(json.dumps(head) + "\n")
         os.replace(tmp, f"{self.path}.head")
+
+    def reopen(self) -> None:
+        """Open the path again (after logrotate moved the file away): the new file goes on with the chain, its
+        first line's prev being the hash of the moved file's last line."""
+        with self._lock:
+            self._file.close()
+            self._file = self._open()
 
     async def wait_written(self, timeout: float) -> None:
         """Wait (at most timeout seconds) until every opened record is written."""
@@ -288,6 +308,7 @@ class AuditMiddleware:
             if record["status_code"] is None:
                 record["status_code"] = 500
             record["latency_s"] = round(time.monotonic() - start, 6)
+            record.update(decision(record))
             self.log.pending -= 1
             self.log.write(record)
 

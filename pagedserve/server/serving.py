@@ -122,10 +122,12 @@ class OpenAIServing:
             if params.max_tokens is None:
                 params = dataclasses.replace(params, max_tokens=policy.max_tokens)
             elif params.max_tokens > policy.max_tokens:
-                raise bad_request(f"max_tokens is {params.max_tokens}; this identity may ask at most "
-                                  f"{policy.max_tokens}", "max_tokens")
+                raise OpenAIError(400, f"max_tokens is {params.max_tokens}; this identity may ask at most "
+                                       f"{policy.max_tokens}", "invalid_request_error", "max_tokens",
+                                  "max_tokens_over_policy")
         if policy.max_n is not None and params.n > policy.max_n:
-            raise bad_request(f"n is {params.n}; this identity may ask at most {policy.max_n}", "n")
+            raise OpenAIError(400, f"n is {params.n}; this identity may ask at most {policy.max_n}",
+                              "invalid_request_error", "n", "n_over_policy")
         return params
 
     def models(self) -> dict:
