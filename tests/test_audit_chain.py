@@ -143,3 +143,23 @@ def test_rotation_keeps_the_chain_across_files(tmp_path):
     old = lines(tmp_path / "audit.jsonl.1")
     (tmp_path / "audit.jsonl.1").write_text("".join(old[:-1]))  # the rotated file's last line removed
     assert "seq 3 where 2 was due" in verify_chain([str(tmp_path / "audit.jsonl.1"), str(path)], KEY)[1][0]
+
+
+def test_an_identity_far_above_its_own_baseline_is_flagged_once_per_window():
+    from pagedserve.server.anomaly import AnomalyDetector
+    now = [0.0]
+    d = AnomalyDetector(window_s=60, factor=10, min_tokens=1000, history=10, clock=lambda: now[0])
+    for minute in range(5):  # a steady 200 tokens a minute
+        now[0] = minute * 60 + 1
+        assert d.observe("alice", 200) is None
+        assert d.observe("bob", 5000) is None  # bob's steady rate is high: his own baseline, not alice's
+    now[0] = 5 * 60 + 1
+    assert d.observe("alice", 1500) is None  # 1,500 <= 10 x 200
+    found = d.observe("alice", 600)          # 2,100 > 2,000
+    assert found == {"identity": "alice", "window_start": 300.0, "window_s": 60, "tokens": 2100,
+                     "baseline_tokens": 200.0, "factor": 10}
+    assert d.observe("alice", 5000) is None  # one record per window
+    assert d.observe("bob", 5000) is None
+    now[0] = 100 * 60  # quiet minutes pull alice's baseline down; a first burst after them is flagged
+    assert d.observe("alice", 1000) is not None
+    assert AnomalyDetector(clock=lambda: 0.0).observe("new", 10**6) is None  # no baseline yet

@@ -19,7 +19,8 @@ import pagedserve
 from pagedserve.async_engine import AsyncEngine
 from pagedserve.config import EngineConfig
 from pagedserve.server.args import ServerConfig, server_config
-from pagedserve.server.audit import AccessLogMiddleware, AuditLog, AuditMiddleware
+from pagedserve.server.anomaly import AnomalyDetector
+from pagedserve.server.audit import AccessLogMiddleware, AuditLog, AuditMiddleware, new_record
 from pagedserve.server.auth import AuthMiddleware, Identities, IdentityStore, keys_file_warning
 from pagedserve.server.body_limit import BodyLimitMiddleware
 from pagedserve.server.lifecycle import AdmissionMiddleware, Lifecycle, build_server
@@ -118,7 +119,19 @@ def build_app(engine: AsyncEngine, config: ServerConfig | None = None, tokenizer
     # innermost first: the body is read only after the key check; the audit sees every refusal
     app.add_middleware(BodyLimitMiddleware, max_bytes=config.max_request_bytes, read_timeout=config.body_read_timeout)
     app.state.identities, app.state.reload = identities, reload
-    app.add_middleware(AuthMiddleware, identities=identities, on_done=metrics.observe_identity)
+    anomalies = AnomalyDetector(config.anomaly_window_s, config.anomaly_factor)
+
+    def request_done(identity: str, status: int, usage: dict) -> None:
+        metrics.observe_identity(identity, status, usage)
+        found = anomalies.observe(identity, usage["prompt_tokens"] + usage["completion_tokens"])
+        if found is not None and audit_log is not None:
+            record = new_record(None)  # not a request: a line of its own, numbers flat so that they stay numbers
+            record.update(identity=identity, error="anomaly", window_start=found["window_start"],
+                          window_s=found["window_s"], window_tokens=found["tokens"],
+                          baseline_tokens=found["baseline_tokens"], anomaly_factor=found["factor"])
+            audit_log.write(record)
+
+    app.add_middleware(AuthMiddleware, identities=identities, on_done=request_done)
     app.add_middleware(AdmissionMiddleware, lifecycle=lifecycle)
     if config.access_log:
         app.add_middleware(AccessLogMiddleware)

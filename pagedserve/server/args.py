@@ -23,6 +23,8 @@ class ServerConfig:
     shared_prefix_cache: bool = False
     audit_log: str | None = None
     audit_key: bytes | None = None  # HMAC key of the audit log's head (--audit-key-file)
+    anomaly_window_s: float = 60.0  # an identity's token rate is compared window by window ...
+    anomaly_factor: float = 10.0    # ... and a window this many times its own baseline is audited
     max_waiting: int | None = DEFAULT_MAX_WAITING
     max_request_bytes: int | None = DEFAULT_MAX_REQUEST_BYTES
     served_model_names: tuple[str, ...] = ()  # empty: the engine's model name
@@ -55,6 +57,12 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
                    help="append one JSON line per request: time, identity, request id, endpoint, model, "
                         "tokens, cached tokens, finish reason, status, latency; hash-chained, with FILE.head "
                         "(`pagedserve audit verify FILE` finds an edited, missing or reordered line)")
+    g.add_argument("--anomaly-window", type=float, default=60.0, metavar="SECONDS",
+                   help="window in which each identity's tokens are counted against its own baseline (an "
+                        "exponentially weighted mean of its earlier windows)")
+    g.add_argument("--anomaly-factor", type=float, default=10.0,
+                   help="a window whose tokens pass this many times the identity's baseline (and 1000) gets "
+                        "an `anomaly` line in the audit log")
     g.add_argument("--audit-key-file", default=None, metavar="FILE",
                    help="a secret key (the file's bytes) that signs the audit log's head with an HMAC, so that "
                         "rewriting the whole log needs it; give the same file to `pagedserve audit verify`")
@@ -91,6 +99,9 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
         raise ValueError(f"--port must be in [1, 65535], got {args.port}")
     if args.max_waiting < 0:
         raise ValueError(f"--max-waiting must be >= 0, got {args.max_waiting}")
+    if not (args.anomaly_window > 0 and args.anomaly_factor > 1):
+        raise ValueError(f"--anomaly-window must be > 0 and --anomaly-factor > 1, got {args.anomaly_window} and "
+                         f"{args.anomaly_factor}")
     if args.max_request_bytes < 0:
         raise ValueError(f"--max-request-bytes must be >= 0, got {args.max_request_bytes}")
     for flag in ("header_read_timeout", "body_read_timeout", "keep_alive_timeout", "shutdown_timeout",
@@ -102,6 +113,7 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
         identities=load_identities(args.api_key, args.api_keys_file, args.auth_config),
         shared_prefix_cache=args.shared_prefix_cache, audit_log=args.audit_log,
         audit_key=read_key_file(args.audit_key_file),
+        anomaly_window_s=args.anomaly_window, anomaly_factor=args.anomaly_factor,
         max_waiting=args.max_waiting or None, max_request_bytes=args.max_request_bytes or None,
         served_model_names=tuple(args.served_model_name or ()),
         log_level=args.log_level,
