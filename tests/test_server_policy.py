@@ -290,8 +290,8 @@ def test_jwts_through_the_server(jwt_setup, tiny_model_dir):
 
 
 def test_revoking_an_identity_live_ends_its_requests_and_refuses_new_ones(tiny_model_dir, tmp_path):
-    """The reload SIGHUP runs: an identity gone from --auth-config gets 401 on its next request, its streaming
-    request is cut off at once, audited as identity_revoked; the others go on."""
+    """An identity gone from --auth-config (on SIGHUP, or when the file changes) gets 401 on its next request,
+    its streaming request is cut off at once, audited as identity_revoked; the others go on."""
     import json
     import time
 
@@ -304,7 +304,8 @@ def test_revoking_an_identity_live_ends_its_requests_and_refuses_new_ones(tiny_m
     audit = tmp_path / "audit.jsonl"
     config = ServerConfig(identities=load_identities(None, None, str(auth)), audit_log=str(audit))
     engine = AsyncEngine(LLMEngine(model=tiny_model_dir, **ENGINE))
-    app = build_app(engine, config, reload_identities=lambda: load_identities(None, None, str(auth)))
+    app = build_app(engine, config, reload_identities=lambda: load_identities(None, None, str(auth)),
+                    watch=(str(auth),))
     server, thread, sock, base = serve_in_thread(app, config)
     model = os.path.basename(tiny_model_dir)
     try:
@@ -316,7 +317,7 @@ def test_revoking_an_identity_live_ends_its_requests_and_refuses_new_ones(tiny_m
                 for line in r.iter_lines():
                     if line.startswith("data: {"):
                         chunks += 1
-                        if chunks == 2:  # b is mid-answer: revoke it
+                        if chunks == 2:  # b is mid-answer: revoke it, as SIGHUP would
                             auth.write_text('[identities.a]\nkeys = ["sk-a"]\n')
                             app.state.loop.call_soon_threadsafe(app.state.reload)
             except httpx.HTTPError:
@@ -337,6 +338,13 @@ def test_revoking_an_identity_live_ends_its_requests_and_refuses_new_ones(tiny_m
         while engine.stats()["kv_blocks_used"] and time.monotonic() < deadline:
             time.sleep(0.05)
         assert engine.stats()["kv_blocks_used"] == 0 and engine.stats()["num_requests_running"] == 0
+        # The file is watched as well: a change takes effect within seconds, with no signal.
+        auth.write_text('[identities.c]\nkeys = ["sk-c"]\n')
+        deadline = time.monotonic() + 10
+        while call(base, "sk-a", "/v1/models", "get").status_code != 401 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert call(base, "sk-a", "/v1/models", "get").status_code == 401
+        assert call(base, "sk-c", "/v1/models", "get").status_code == 200
     finally:
         server.should_exit = True
         thread.join(10)

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import copy
 import logging
+import os
 import shlex
 import signal
 from typing import Callable
@@ -74,9 +75,10 @@ def _error(status: int, message: str, type: str, param: str | None = None, code:
 
 
 def build_app(engine: AsyncEngine, config: ServerConfig | None = None, tokenizer=None,
-              reload_identities: Callable[[], Identities] | None = None) -> FastAPI:
+              reload_identities: Callable[[], Identities] | None = None, watch: tuple[str, ...] = ()) -> FastAPI:
     """The app around a (not yet started) AsyncEngine; the app's lifespan starts and stops it.
-    reload_identities: reads the keys and --auth-config again, for SIGHUP (identities gone are revoked)."""
+    reload_identities: reads the keys and --auth-config again, on SIGHUP and when a file of `watch` changes
+    (identities gone are revoked)."""
     config = config or ServerConfig()
     identities = IdentityStore(config.identities)
     tokenizer = tokenizer if tokenizer is not None else copy.deepcopy(engine.engine.tokenizer)
@@ -95,9 +97,22 @@ def build_app(engine: AsyncEngine, config: ServerConfig | None = None, tokenizer
             return
         logger.warning("SIGHUP: identities reloaded%s", f"; revoked: {', '.join(revoked)}" if revoked else "")
 
+    async def watch_files() -> None:
+        """Reload when a watched file changes (its mtime or size), checked every second."""
+        def stamp():
+            return [(os.stat(p).st_mtime_ns, os.stat(p).st_size) if os.path.exists(p) else None for p in watch]
+        last = stamp()
+        while True:
+            await asyncio.sleep(1.0)
+            now = stamp()
+            if now != last:
+                last = now
+                reload()
+
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
         engine.start()
+        watcher = asyncio.create_task(watch_files()) if reload_identities is not None and watch else None
         app.state.loop = asyncio.get_running_loop()  # where a reload must run (it cancels this loop's tasks)
         if reload_identities is not None and hasattr(signal, "SIGHUP"):
             try:
@@ -107,6 +122,8 @@ def build_app(engine: AsyncEngine, config: ServerConfig | None = None, tokenizer
         try:
             yield
         finally:
+            if watcher is not None:
+                watcher.cancel()
             await asyncio.to_thread(engine.shutdown)  # open streams end with EngineDeadError
             serving.close()
             if audit_log is not None:  # after the last request's line
@@ -227,7 +244,8 @@ def run_server(args: argparse.Namespace, engine_config: EngineConfig) -> int:
     if warning:
         logger.warning(warning)
     engine = AsyncEngine(LLMEngine(engine_config), max_waiting=config.max_waiting)
-    app = build_app(engine, config, reload_identities=lambda: server_config(args).identities)
+    app = build_app(engine, config, reload_identities=lambda: server_config(args).identities,
+                    watch=tuple(p for p in (args.api_keys_file, args.auth_config) if p))
     names = config.served_model_names or (engine.model_name,)
     # listening: now say how to call it
     server = build_server(app, config, on_started=lambda: print(usage_banner(config, names[0]), flush=True))
