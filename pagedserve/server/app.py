@@ -93,9 +93,10 @@ def build_app(engine: AsyncEngine, config: ServerConfig | None = None, tokenizer
         try:
             revoked = identities.replace(reload_identities())
         except Exception as e:  # a broken file keeps the identities in force
-            logger.error("SIGHUP: could not reload the identities, keeping the current ones: %s", e)
+            logger.error("could not reload the identities, keeping the current ones: %s", e)
             return
-        logger.warning("SIGHUP: identities reloaded%s", f"; revoked: {', '.join(revoked)}" if revoked else "")
+        logger.warning("identities reloaded (SIGHUP or a changed file)%s",
+                       f"; revoked: {', '.join(revoked)}" if revoked else "")
 
     async def watch_files() -> None:
         """Reload when a watched file changes (its mtime or size), checked every second."""
