@@ -97,6 +97,16 @@ def test_a_cache_group_shares_the_prefix_cache_and_nobody_else(policy_server):
     assert cached("sk-acme-next") > 0  # another key of the same identity
 
 
+async def request(mw, path="/v1/chat/completions"):
+    """One request with the key `k` through an ASGI middleware: (status, headers) of its answer."""
+    sent = []
+
+    async def send(message):
+        sent.append(message)
+    await mw({"type": "http", "path": path, "headers": [(b"authorization", b"Bearer k")]}, None, send)
+    return sent[0]["status"], dict(sent[0]["headers"])
+
+
 def test_max_concurrent_answers_429_with_retry_after(tmp_path):
     (tmp_path / "auth.toml").write_text('[identities.a]\nkeys = ["k"]\nmax_concurrent = 1\n')
     identities = load_identities(None, None, str(tmp_path / "auth.toml"))
@@ -106,15 +116,6 @@ def test_max_concurrent_answers_429_with_retry_after(tmp_path):
         await release.wait()
         await send({"type": "http.response.start", "status": 200, "headers": []})
         await send({"type": "http.response.body", "body": b"ok"})
-
-    async def request(mw):
-        sent = []
-
-        async def send(message):
-            sent.append(message)
-        scope = {"type": "http", "path": "/v1/chat/completions", "headers": [(b"authorization", b"Bearer k")]}
-        await mw(scope, None, send)
-        return sent[0]["status"], dict(sent[0]["headers"])
 
     async def main():
         mw = AuthMiddleware(app, identities)
@@ -194,14 +195,6 @@ def test_token_quota_through_the_middleware(tmp_path):
         await send({"type": "http.response.start", "status": 200, "headers": []})
         await send({"type": "http.response.body", "body": b"ok"})
 
-    async def request(mw):
-        sent = []
-
-        async def send(message):
-            sent.append(message)
-        await mw({"type": "http", "path": "/v1/completions", "headers": [(b"authorization", b"Bearer k")]}, None,
-                 send)
-        return sent[0]["status"], dict(sent[0]["headers"])
     mw = AuthMiddleware(app, load_identities(None, None, str(tmp_path / "auth.toml")), quota=mw_quota)
     assert asyncio.run(request(mw))[0] == 200       # 80 tokens taken from 60: 20 in debt
     status, headers = asyncio.run(request(mw))
