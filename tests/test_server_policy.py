@@ -76,11 +76,60 @@ def test_endpoints_models_max_tokens_and_n(policy_server):
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 8
     assert assert_error(chat(base, "sk-acme", model, max_tokens=2, n=3), 400, "at most 2")["param"] == "n"
     assert chat(base, "sk-acme", model, max_tokens=2, n=2).status_code == 200
+    # the ceiling holds for beams, for min_tokens, and n counts every prompt's sequences
+    r = chat(base, "sk-acme", model, use_beam_search=True, n=2, ignore_eos=True)
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] <= 2 * 8
+    assert assert_error(chat(base, "sk-acme", model, min_tokens=50), 400)["param"] == "max_tokens"
+    acme_globex = call(base, "sk-globex", "/v1/completions", model=model, prompt=[[5, 6]] * 3, max_tokens=1)
+    assert acme_globex.status_code == 200  # globex has no max_n
     err = assert_error(chat(base, "sk-initech", model, max_tokens=2), 403, "may not use the model")
     assert err["code"] == "model_not_allowed" and err["param"] == "model"
     assert_error(chat(base, "sk-initech", "no-such-model", max_tokens=2), 404)  # unknown stays 404
     r = chat(base, "sk-globex", model, max_tokens=40, n=4)
     assert r.status_code == 200, r.text  # no limits of its own
+
+
+def test_no_api_description_for_tenants(policy_server):
+    base, _ = policy_server
+    for path in ("/openapi.json", "/docs", "/redoc"):
+        assert call(base, "sk-ops", path, "get").status_code == 404
+
+
+def test_the_quota_holds_the_most_a_request_can_use_while_it_runs(tmp_path):
+    """Two requests at once under a quota of 60 tokens a minute: the first holds its worst case (prompt and
+    max_tokens), so the second is refused at once, not both let in to overdraw."""
+    (tmp_path / "auth.toml").write_text('[identities.a]\nkeys = ["k"]\ntokens_per_minute = 60\n')
+    from pagedserve.server.policy import TokenQuota
+    from pagedserve.server.protocol import OpenAIError
+    release = asyncio.Event()
+    calls = [0]
+
+    async def app(scope, receive, send):
+        try:
+            scope["state"]["reserve_tokens"](50)  # as _generate does: prompt + max_tokens x n
+        except OpenAIError as e:
+            return await e.send(send)
+        calls[0] += 1
+        if calls[0] == 1:  # the first one runs until released
+            await release.wait()
+        scope["state"]["usage"].update(prompt_tokens=10, completion_tokens=5)
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+    now = [0.0]
+    mw = AuthMiddleware(app, load_identities(None, None, str(tmp_path / "auth.toml")),
+                        quota=TokenQuota(clock=lambda: now[0]))
+
+    async def main():
+        first = asyncio.create_task(request(mw))
+        await asyncio.sleep(0.01)
+        second = await request(mw)  # 60 - 50 = 10 left: above zero, so it may hold its 50; it ends (uses 15)
+        third = await request(mw)   # 10 - 50 + 50 - 15 = -5: in debt while the first still holds 50: refused
+        release.set()
+        return await first, second, third
+    first, second, third = asyncio.run(main())
+    assert first[0] == 200 and second[0] == 200 and third[0] == 429
+    # the first settled at what it used: 60 - 15 - 15 = 30 left, so the next one gets in
+    assert asyncio.run(request(mw))[0] == 200
 
 
 def test_a_cache_group_shares_the_prefix_cache_and_nobody_else(policy_server):

@@ -34,9 +34,10 @@ class AnomalyDetector:
         now = self.clock()
         window = int(now // self.window_s)
         u = self._usage.setdefault(identity, _Usage(window))
-        while u.window < window:  # close the windows that ended (empty ones pull the baseline down)
+        if u.window < window:  # close the window that ended; the empty ones after it pull the baseline down
             u.baseline = u.tokens if u.baseline is None else u.baseline + (u.tokens - u.baseline) / self.history
-            u.window, u.tokens, u.flagged = u.window + 1, 0, False
+            u.baseline *= (1 - 1 / self.history) ** (window - u.window - 1)
+            u.window, u.tokens, u.flagged = window, 0, False
         u.tokens += tokens
         if u.flagged or u.baseline is None or u.tokens < self.min_tokens or u.tokens <= self.factor * u.baseline:
             return None

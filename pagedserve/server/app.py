@@ -89,7 +89,10 @@ def build_app(engine: AsyncEngine, config: ServerConfig | None = None, tokenizer
 
     def reload() -> None:
         if audit_log is not None:  # logrotate's postrotate sends SIGHUP too
-            audit_log.reopen()
+            try:
+                audit_log.reopen()
+            except OSError as e:
+                logger.error("could not reopen the audit log %s: %s", audit_log.path, e)
         try:
             revoked = identities.replace(reload_identities())
         except Exception as e:  # a broken file keeps the identities in force
@@ -98,17 +101,27 @@ def build_app(engine: AsyncEngine, config: ServerConfig | None = None, tokenizer
         logger.warning("identities reloaded (SIGHUP or a changed file)%s",
                        f"; revoked: {', '.join(revoked)}" if revoked else "")
 
+    def stamp(path: str):
+        try:
+            st = os.stat(path)
+            return st.st_mtime_ns, st.st_size
+        except OSError:  # gone for a moment (an editor's rename): as good as a change
+            return None
+
     async def watch_files() -> None:
-        """Reload when a watched file changes (its mtime or size), checked every second."""
-        def stamp():
-            return [(os.stat(p).st_mtime_ns, os.stat(p).st_size) if os.path.exists(p) else None for p in watch]
-        last = stamp()
+        """Reload when a watched file has changed (its mtime or size) and then stayed the same for a second, so
+        that a file caught half-written never revokes the identities written after that point."""
+        last = seen = [stamp(p) for p in watch]
         while True:
             await asyncio.sleep(1.0)
-            now = stamp()
-            if now != last:
+            now = [stamp(p) for p in watch]
+            if now == seen and now != last:  # changed, and steady since the last look
                 last = now
-                reload()
+                try:
+                    reload()
+                except Exception:
+                    logger.exception("reloading the identities failed")
+            seen = now
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -131,7 +144,9 @@ def build_app(engine: AsyncEngine, config: ServerConfig | None = None, tokenizer
                 await audit_log.wait_written(timeout=5.0)
                 audit_log.close()
 
-    app = FastAPI(title="pagedserve", version=pagedserve.__version__, lifespan=lifespan)
+    # No /docs or /openapi.json: they would show every tenant the version and the API (the admin has /version).
+    app = FastAPI(title="pagedserve", version=pagedserve.__version__, lifespan=lifespan, openapi_url=None,
+                  docs_url=None, redoc_url=None)
     app.state.engine, app.state.serving, app.state.metrics = engine, serving, metrics
     app.state.audit_log, app.state.lifecycle = audit_log, lifecycle
     # innermost first: the body is read only after the key check; the audit sees every refusal

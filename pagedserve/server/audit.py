@@ -148,9 +148,12 @@ class AuditLog:
                         f.write(line + "\n")
                 else:
                     self._file.write(line + "\n")
-                self._prev = line_hash(line)
-                self._write_head(head_record(self._seq, self._prev, self.key))
-                self._seq += 1
+                self._prev, seq = line_hash(line), self._seq
+                self._seq += 1  # the chain moves on with the line, whatever becomes of the head
+                try:
+                    self._write_head(head_record(seq, self._prev, self.key))
+                except OSError:
+                    logger.exception("could not write the audit log's head")
         except Exception:  # the log must never take a request down with it
             logger.exception("could not write an audit line")
 
@@ -236,6 +239,8 @@ def summarize(paths: list[str], window_s: float | None = None) -> list[dict]:
                     when = datetime.fromisoformat(rec["time"]).timestamp()
                 except (ValueError, KeyError, TypeError):
                     continue  # summarize what can be read; `audit verify` judges the rest
+                if rec.get("error") == "anomaly":
+                    continue  # a line about an identity, not a request
                 start = when - when % window_s if window_s else None
                 row = rows.setdefault((start, str(rec.get("identity"))), {
                     "window_start": start, "identity": str(rec.get("identity")), "requests": 0, "denied": 0,

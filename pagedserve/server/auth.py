@@ -203,7 +203,16 @@ class AuthMiddleware:
             return await self.app(scope, receive, send)
         state["policy"] = policy
         usage = state["usage"] = {"prompt_tokens": 0, "completion_tokens": 0}  # filled in by the handlers
+        held = [0]  # tokens the request reserved from the quota (the handlers call reserve_tokens)
         status = [500]
+        if policy.tokens_per_minute is not None:
+            def reserve_tokens(tokens: int) -> None:
+                wait = self.quota.reserve(name, policy.tokens_per_minute, tokens)
+                if wait is not None:
+                    raise OpenAIError(429, f"this identity's {policy.tokens_per_minute} tokens a minute are spent; "
+                                           f"retry in {wait} s", "rate_limit_error", code="token_quota_exceeded")
+                held[0] += tokens
+            state["reserve_tokens"] = reserve_tokens
 
         async def send_and_note(message):
             if message["type"] == "http.response.start":
@@ -227,12 +236,15 @@ class AuthMiddleware:
                 self.in_flight[name] -= 1
                 self.store.running[name].discard(task)
                 self.store.revoked_tasks.discard(task)
-                if policy.tokens_per_minute is not None:
+                if policy.tokens_per_minute is not None:  # what it used, less what it held
                     self.quota.charge(name, policy.tokens_per_minute,
-                                      usage["prompt_tokens"] + usage["completion_tokens"])
+                                      usage["prompt_tokens"] + usage["completion_tokens"] - held[0])
         finally:
             if self.on_done is not None:
-                self.on_done(name, status[0], usage)
+                try:
+                    self.on_done(name, status[0], usage)
+                except Exception:  # counters must never fail a request
+                    logger.exception("per-identity accounting failed")
 
     def _refusal(self, name: str, policy: Policy, path: str) -> tuple[OpenAIError, tuple] | None:
         """What the policy says to this request before it runs: (the error, its extra headers), or None."""

@@ -76,8 +76,8 @@ def parse_policy(name: str, table: dict) -> tuple[tuple[str, ...], Policy]:
             if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
                 raise ValueError(f"{where}: {field_name} must be a list of strings")
             value = tuple(value)
-        if field_name in _INTS and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-            raise ValueError(f"{where}: {field_name} must be a positive integer, got {value!r}")
+        if field_name in _INTS and (isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 10**12):
+            raise ValueError(f"{where}: {field_name} must be a positive integer up to 10^12, got {value!r}")
         if field_name == "cache_group" and (not isinstance(value, str) or not value):
             raise ValueError(f"{where}: cache_group must be a non-empty string")
         values[field_name] = value
@@ -205,3 +205,11 @@ class TokenQuota:
     def charge(self, name: str, per_minute: int, tokens: int) -> None:
         level = self._refill(name, per_minute)
         self._level[name] = (level - tokens, self._level[name][1])
+
+    def reserve(self, name: str, per_minute: int, tokens: int) -> int | None:
+        """Hold tokens for a request about to run: None if held (the bucket was not in debt), else the seconds
+        to wait (nothing held). Held tokens are given back, less those used, by charge(used - held)."""
+        wait = self.retry_after(name, per_minute)
+        if wait is None:
+            self.charge(name, per_minute, tokens)
+        return wait

@@ -120,7 +120,11 @@ class OpenAIServing:
         ceiling when unset), n (or beam width) up to max_n; beyond either, a 400 naming the limit."""
         if policy.max_tokens is not None:
             if params.max_tokens is None:
-                params = dataclasses.replace(params, max_tokens=policy.max_tokens)
+                try:
+                    params = dataclasses.replace(params, max_tokens=policy.max_tokens)
+                except ValueError as e:  # min_tokens above the ceiling, say
+                    raise OpenAIError(400, f"{e} (this identity may ask at most {policy.max_tokens} tokens)",
+                                      "invalid_request_error", "max_tokens", "max_tokens_over_policy") from None
             elif params.max_tokens > policy.max_tokens:
                 raise OpenAIError(400, f"max_tokens is {params.max_tokens}; this identity may ask at most "
                                        f"{policy.max_tokens}", "invalid_request_error", "max_tokens",
@@ -223,8 +227,11 @@ class OpenAIServing:
                 if not p:
                     raise bad_request("the prompt is empty", "prompt")
             prompts.append(list(p))
-        if body.use_beam_search:
-            params = body.beam_search_params(params, body.max_tokens if body.max_tokens is not None else
+        if policy.max_n is not None and len(prompts) * params.n > policy.max_n:  # every prompt gets n sequences
+            raise OpenAIError(400, f"{len(prompts)} prompts x n={params.n} sequences; this identity may ask at most "
+                                   f"{policy.max_n}", "invalid_request_error", "n", "n_over_policy")
+        if body.use_beam_search:  # params.max_tokens: the policy's ceiling applies to beams too
+            params = body.beam_search_params(params, params.max_tokens if params.max_tokens is not None else
                                              self.engine.max_model_len - max(map(len, prompts)), body.logprobs is not None)
         echo = None
         if body.echo:  # a text prompt echoes as sent; token ids as their text
@@ -304,7 +311,15 @@ class OpenAIServing:
 
     async def _generate(self, job: _Job, request: Request) -> Response:
         audit(request, request_id=job.request_id, model=job.model)
+        reserve = getattr(request.state, "reserve_tokens", None)  # the identity's token quota (AuthMiddleware)
+        if reserve is not None:  # the most this request can use, held until it ends
+            n, max_tokens = job.params.n, job.params.max_tokens
+            reserve(sum(len(p) + n * (max_tokens if max_tokens is not None else self.engine.max_model_len - len(p))
+                        for p in job.prompts))
         streams = await self._start(job)
+        usage = getattr(request.state, "usage", None)
+        if usage is not None:  # a started prompt is paid for, even if the client leaves before its first token
+            usage["prompt_tokens"] = sum(len(p) for p in job.prompts)
         merged = MergedStreams(streams, request.receive)
         outs: list[RequestOutput | None] = [None] * len(streams)
         timers = [self.metrics.tracker() for _ in streams]
@@ -322,7 +337,8 @@ class OpenAIServing:
                   cached_tokens=u["prompt_tokens_details"]["cached_tokens"], finish_reason=finish_reason_of(reasons))
             usage = getattr(request.state, "usage", None)  # the identity's quota and counters (AuthMiddleware)
             if usage is not None:
-                usage.update(prompt_tokens=u["prompt_tokens"], completion_tokens=u["completion_tokens"])
+                usage.update(prompt_tokens=max(usage["prompt_tokens"], u["prompt_tokens"]),
+                             completion_tokens=u["completion_tokens"])
             if status is not None:
                 audit(request, status_code=status)
             if error is not None:
