@@ -67,7 +67,8 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
 
 def _error_response(error: OpenAIError) -> Response:
     """An OpenAI error as ASCII JSON: a client's text echoed in it (a lone surrogate) cannot fail to encode."""
-    return Response(error.encode(), status_code=error.status, media_type="application/json")
+    return Response(error.encode(), status_code=error.status, media_type="application/json",
+                    headers={k.decode("latin-1"): v.decode("latin-1") for k, v in error.headers})
 
 
 def _error(status: int, message: str, type: str, param: str | None = None, code: str | None = None) -> Response:

@@ -183,7 +183,6 @@ class AuthMiddleware:
         self.open_paths = open_paths
         self.quota = quota or TokenQuota()
         self.on_done = on_done
-        self.in_flight: dict[str, int] = {}  # identity -> requests being answered
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -209,8 +208,7 @@ class AuthMiddleware:
             def reserve_tokens(tokens: int) -> None:
                 wait = self.quota.reserve(name, policy.tokens_per_minute, tokens)
                 if wait is not None:
-                    raise OpenAIError(429, f"this identity's {policy.tokens_per_minute} tokens a minute are spent; "
-                                           f"retry in {wait} s", "rate_limit_error", code="token_quota_exceeded")
+                    raise _quota_spent(policy, wait)
                 held[0] += tokens
             state["reserve_tokens"] = reserve_tokens
 
@@ -221,9 +219,7 @@ class AuthMiddleware:
         try:
             refusal = self._refusal(name, policy, scope["path"])
             if refusal is not None:
-                error, headers = refusal
-                return await error.send(send_and_note, headers)
-            self.in_flight[name] = self.in_flight.get(name, 0) + 1
+                return await refusal.send(send_and_note)
             task = asyncio.current_task()
             self.store.running.setdefault(name, set()).add(task)
             try:
@@ -233,7 +229,6 @@ class AuthMiddleware:
                     state["audit"]["error"] = "identity_revoked"
                 raise
             finally:
-                self.in_flight[name] -= 1
                 self.store.running[name].discard(task)
                 self.store.revoked_tasks.discard(task)
                 if policy.tokens_per_minute is not None:  # what it used, less what it held
@@ -246,19 +241,24 @@ class AuthMiddleware:
                 except Exception:  # counters must never fail a request
                     logger.exception("per-identity accounting failed")
 
-    def _refusal(self, name: str, policy: Policy, path: str) -> tuple[OpenAIError, tuple] | None:
-        """What the policy says to this request before it runs: (the error, its extra headers), or None."""
+    def _refusal(self, name: str, policy: Policy, path: str) -> OpenAIError | None:
+        """What the policy says to this request before it runs: the error to answer, or None."""
         denial = endpoint_denial(policy, path)
         if denial is not None:
-            return OpenAIError(403, denial, "permission_error", code="forbidden"), ()
-        if policy.max_concurrent is not None and self.in_flight.get(name, 0) >= policy.max_concurrent:
-            return (OpenAIError(429, f"this identity may have {policy.max_concurrent} requests in flight; wait "
-                                     "for one to finish", "rate_limit_error", code="concurrency_limit_exceeded"),
-                    ((b"retry-after", b"1"),))
+            return OpenAIError(403, denial, "permission_error", code="forbidden")
+        if policy.max_concurrent is not None and len(self.store.running.get(name, ())) >= policy.max_concurrent:
+            return OpenAIError(429, f"this identity may have {policy.max_concurrent} requests in flight; wait for "
+                                    "one to finish", "rate_limit_error", code="concurrency_limit_exceeded",
+                               headers=((b"retry-after", b"1"),))
         if policy.tokens_per_minute is not None:
             wait = self.quota.retry_after(name, policy.tokens_per_minute)
             if wait is not None:
-                return (OpenAIError(429, f"this identity's {policy.tokens_per_minute} tokens a minute are spent; "
-                                         f"retry in {wait} s", "rate_limit_error", code="token_quota_exceeded"),
-                        ((b"retry-after", str(wait).encode()),))
+                return _quota_spent(policy, wait)
         return None
+
+
+def _quota_spent(policy: Policy, wait: int) -> OpenAIError:
+    """The 429 of an identity whose token quota is spent (Retry-After: its wait, in whole seconds)."""
+    return OpenAIError(429, f"this identity's {policy.tokens_per_minute} tokens a minute are spent; retry in "
+                            f"{wait} s", "rate_limit_error", code="token_quota_exceeded",
+                       headers=((b"retry-after", str(wait).encode()),))

@@ -37,9 +37,11 @@ class OpenAIError(Exception):
     """An error answered as {"error": {"message", "type", "param", "code"}} with an HTTP status."""
 
     def __init__(self, status: int, message: str, type: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None) -> None:
+                 param: str | None = None, code: str | None = None,
+                 headers: tuple[tuple[bytes, bytes], ...] = ()) -> None:
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+        self.headers = headers  # sent with the answer, from a middleware or a handler (Retry-After, say)
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
@@ -52,7 +54,8 @@ class OpenAIError(Exception):
         """Answer through a raw ASGI `send` (for middlewares, which run outside FastAPI's handlers)."""
         body = self.encode()
         await send({"type": "http.response.start", "status": self.status, "headers": [
-            (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), *headers]})
+            (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), *self.headers,
+            *headers]})
         await send({"type": "http.response.body", "body": body})
 
 
