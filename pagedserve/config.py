@@ -6,7 +6,7 @@ import re
 from dataclasses import dataclass
 
 KV_RESERVATIONS = ("none", "request", "max_model_len")
-ATTENTION_BACKENDS = ("auto", "torch", "cpu")
+ATTENTION_BACKENDS = ("auto", "torch", "cpu", "triton")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 QUANTIZATIONS = ("none", "gguf")
 PREEMPTION_MODES = ("recompute", "swap")
@@ -43,7 +43,7 @@ class EngineConfig:
     kv_reservation: str = "none"      # none (paged) | request | max_model_len
     seed: int = 0                     # seed for requests that bring none
     num_threads: int | None = None    # torch CPU threads; None: torch's default
-    attention_backend: str = "auto"   # auto | torch | cpu: the paged-attention implementation
+    attention_backend: str = "auto"   # auto | torch | cpu | triton: the paged-attention implementation
     quantization: str = "none"        # none | gguf: keep a GGUF's Q4_0/Q4_1/Q8_0 weights quantized (CPU)
     enforce_eager: bool = False       # never replay pure-decode steps as the decode graph (model/decode_graph.py)
     kv_offload_memory: str | int | None = None  # size of the second KV tier (kv_cache/offload.py); None: none

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import os
 
+# Triton's kernels run on CPU tensors under its interpreter; the flag is read when a kernel is defined, so
+# it is set before anything imports pagedserve.attention.triton_kernels. No test here compiles for a GPU.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
 import pytest
 import torch
 

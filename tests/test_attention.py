@@ -67,9 +67,10 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     return ((out.double() - ref).abs().max() / ref.abs().max()).item()
 
 
-@pytest.fixture(params=["cpu", "torch"])
+@pytest.fixture(params=["cpu", "torch", "triton"])
 def backend(request):
-    """Run a test through each CPU attention backend: the fused C decode kernel, and plain torch."""
+    """Run a test through each attention backend that runs here: the fused C decode kernel, plain torch,
+    and the Triton kernels under Triton's interpreter (conftest.py)."""
     return select_backend(request.param, "cpu", torch.float32, HEAD_DIM, 16)
 
 

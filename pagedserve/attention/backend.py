@@ -7,7 +7,8 @@ block table. Every backend writes all of a layer's new K/V before it attends, so
 that another sequence of the same step writes.
 
 Backends: `torch` (plain torch, any device: the reference), `cpu` (the fused C decode kernel of
-cpu_kernel.py, prefill chunks as `torch`). `auto` takes the fastest one that supports the run.
+cpu_kernel.py, prefill chunks as `torch`), `triton` (Triton kernels for CUDA, triton_backend.py). `auto`
+takes the fastest one that supports the run: cpu then torch on the CPU, triton then torch elsewhere.
 """
 from __future__ import annotations
 
@@ -48,18 +49,20 @@ class AttentionBackend(ABC):
 def backend_classes() -> dict[str, type[AttentionBackend]]:
     from pagedserve.attention.cpu_backend import CpuBackend
     from pagedserve.attention.torch_backend import TorchBackend
-    return {"cpu": CpuBackend, "torch": TorchBackend}
+    from pagedserve.attention.triton_backend import TritonBackend
+    return {"cpu": CpuBackend, "torch": TorchBackend, "triton": TritonBackend}
 
 
 def select_backend(name: str, device: torch.device | str, dtype: torch.dtype, head_size: int,
                    block_size: int) -> AttentionBackend:
-    """The backend called `name` (or, for "auto", the first of cpu, torch that supports the run).
+    """The backend called `name` (or, for "auto", the first of cpu, torch on the CPU, of triton, torch
+    elsewhere, that supports the run).
 
     Raises ValueError naming the reason when an explicitly chosen backend cannot run here."""
     device = torch.device(device)
     classes = backend_classes()
     if name == "auto":
-        for candidate in ("cpu", "torch"):
+        for candidate in ("cpu", "torch") if device.type == "cpu" else ("triton", "torch"):
             if classes[candidate].unsupported(device, dtype, head_size, block_size) is None:
                 return classes[candidate]()
         raise ValueError(f"no attention backend supports {device} / {dtype}")  # torch supports everything
