@@ -17,6 +17,9 @@ ENGINE_HELP = {
     "device": "cpu or cuda",
     "block_size": "tokens per KV cache block",
     "kv_cache_memory": "KV cache budget, e.g. 512MiB or 1GiB (ignored if --num-kv-blocks is given)",
+    "gpu_memory_utilization": "on a GPU, without --kv-cache-memory or --num-kv-blocks: the share of the device's "
+                              "memory the engine may take; the KV cache gets what the weights and a profiling "
+                              "step at the largest batch leave of it",
     "num_kv_blocks": "KV cache size in blocks",
     "max_num_seqs": "most requests running at once",
     "max_num_batched_tokens": "token budget of one step (decode tokens plus prefill chunks)",
@@ -26,13 +29,14 @@ ENGINE_HELP = {
     "kv_reservation": f"KV allocation policy: {' | '.join(KV_RESERVATIONS)} (none: paged; the others reserve up front)",
     "seed": "seed for requests that bring none",
     "num_threads": "torch CPU threads",
-    "attention_backend": "paged-attention implementation: auto | torch | cpu (auto: cpu, the fused C decode "
-                         "kernel, where it builds; torch, the reference, elsewhere)",
+    "attention_backend": "paged-attention implementation: auto | torch | cpu | triton (auto: on the CPU, cpu, "
+                         "the fused C decode kernel, where it builds; on CUDA, triton; else torch, the reference)",
     "quantization": "none: a GGUF model is dequantized into --dtype at load; gguf: its Q4_0/Q4_1/Q8_0 weights "
                     "stay quantized and decode reads them through a C kernel (CPU; activations rounded to int8 "
                     "per 32 values, as llama.cpp does)",
-    "enforce_eager": "run every step through the eager model; without it, pure-decode steps in float32 on the CPU "
-                     "replay as a fixed list of kernel calls (the decode graph: the same results, less overhead)",
+    "enforce_eager": "run every step through the eager model; without it, pure-decode steps replay as a graph: "
+                     "in float32 on the CPU a fixed list of kernel calls (the decode graph), on CUDA with the "
+                     "triton backend CUDA graphs captured per batch size (the same results, less overhead)",
     "kv_offload_memory": "size of a second KV tier behind the pool, e.g. 4GiB: full blocks the pool evicts are "
                          "kept there under their hash and loaded back on a prefix hit instead of recomputed",
     "kv_offload_dir": "keep the second KV tier in a memory-mapped file in this folder (the OS pages it to disk) "
@@ -45,6 +49,7 @@ ENGINE_UNSET = {
     "model": "the bundled SmolLM2-135M-Instruct",
     "tokenizer": "the model's own",
     "num_kv_blocks": "as many as --kv-cache-memory holds",
+    "kv_cache_memory": "1GiB on the CPU; on a GPU, what --gpu-memory-utilization leaves",
     "max_model_len": "the model's",
     "num_threads": "torch's choice",
     "kv_offload_memory": "no second tier",
@@ -83,6 +88,8 @@ def add_engine_args(parser: argparse.ArgumentParser, **defaults) -> None:
             g.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=text)
         elif f.name in ("num_kv_blocks", "max_model_len", "num_threads") or f.type in ("int", int):
             g.add_argument(flag, type=int, default=default, help=text)
+        elif f.type in ("float", float):
+            g.add_argument(flag, type=float, default=default, help=text)
         else:
             choices = {"dtype": DTYPES, "kv_reservation": KV_RESERVATIONS,
                        "attention_backend": ATTENTION_BACKENDS, "quantization": QUANTIZATIONS,

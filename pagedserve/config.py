@@ -33,8 +33,9 @@ class EngineConfig:
     dtype: str = "auto"               # auto | float32 | bfloat16 | float16
     device: str = "cpu"               # cpu | cuda
     block_size: int = 16              # tokens per KV cache block
-    kv_cache_memory: str | int = "1GiB"  # KV cache budget, used when num_kv_blocks is not given
+    kv_cache_memory: str | int | None = None  # KV cache budget; None: 1GiB on the CPU, measured on a GPU
     num_kv_blocks: int | None = None  # KV cache size in blocks (overrides kv_cache_memory)
+    gpu_memory_utilization: float = 0.9  # on a GPU, the share of its memory weights + activations + KV may take
     max_num_seqs: int = 256           # most requests running at once
     max_num_batched_tokens: int = 2048  # token budget of one step
     max_model_len: int | None = None  # context window; default: the model's
@@ -45,7 +46,7 @@ class EngineConfig:
     num_threads: int | None = None    # torch CPU threads; None: torch's default
     attention_backend: str = "auto"   # auto | torch | cpu | triton: the paged-attention implementation
     quantization: str = "none"        # none | gguf: keep a GGUF's Q4_0/Q4_1/Q8_0 weights quantized (CPU)
-    enforce_eager: bool = False       # never replay pure-decode steps as the decode graph (model/decode_graph.py)
+    enforce_eager: bool = False       # never replay pure-decode steps as a graph (decode_graph.py, cuda_graph.py)
     kv_offload_memory: str | int | None = None  # size of the second KV tier (kv_cache/offload.py); None: none
     kv_offload_dir: str | None = None  # the tier as a memory-mapped file in this folder instead of in memory
     preemption_mode: str = "recompute"  # recompute | swap (to the second tier)
@@ -66,7 +67,10 @@ class EngineConfig:
             raise ValueError(f"num_kv_blocks must be >= 1, got {self.num_kv_blocks}")
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ValueError(f"max_model_len must be >= 1, got {self.max_model_len}")
-        parse_memory(self.kv_cache_memory)
+        if self.kv_cache_memory is not None:
+            parse_memory(self.kv_cache_memory)
+        if not (isinstance(self.gpu_memory_utilization, (int, float)) and 0 < self.gpu_memory_utilization <= 1):
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization!r}")
         if self.preemption_mode not in PREEMPTION_MODES:
             raise ValueError(f"preemption_mode must be one of {PREEMPTION_MODES}, got {self.preemption_mode!r}")
         if self.kv_offload_memory is None:

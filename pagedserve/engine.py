@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from pagedserve.config import EngineConfig, parse_memory
-from pagedserve.kv_cache import KVCacheManager
+from pagedserve.config import EngineConfig
+from pagedserve.kv_cache import KVCacheManager, sizing
 from pagedserve.model.loader import load_model
 from pagedserve.outputs import CompletionOutput, Logprob, RequestOutput, SchedulerOutput
 from pagedserve.request import Request, RequestStatus
@@ -98,19 +98,6 @@ class _Group:
         return all(s.finish_reason is not None for s in self.samples)
 
 
-def _kv_num_blocks(config: EngineConfig, mc, dtype: torch.dtype) -> tuple[int, int]:
-    """Blocks of the pool and of the offload tier (0: none)."""
-    per_block = kv_bytes_per_block(mc.num_hidden_layers, mc.num_key_value_heads, mc.head_dim, config.block_size, dtype)
-
-    def blocks_in(option: str) -> int:
-        n = parse_memory(getattr(config, option)) // per_block
-        if n < 1:
-            raise ValueError(f"{option}={getattr(config, option)!r} holds no block of {per_block} bytes")
-        return n
-    pool = config.num_kv_blocks if config.num_kv_blocks is not None else blocks_in("kv_cache_memory")
-    return pool, (blocks_in("kv_offload_memory") if config.kv_offload_memory is not None else 0)
-
-
 class LLMEngine:
     def __init__(self, config: EngineConfig | None = None, **kwargs) -> None:
         config = config or EngineConfig.from_kwargs(**kwargs)
@@ -125,16 +112,23 @@ class LLMEngine:
         self.model_name = loaded.name
         self.dtype = loaded.dtype
         self.max_model_len = min(config.max_model_len or mc.context_len, mc.context_len)
-        num_blocks, num_offload_blocks = _kv_num_blocks(config, mc, loaded.dtype)
+        self.runner = ModelRunner(loaded.model, mc.num_hidden_layers, mc.num_key_value_heads, mc.head_dim,
+                                  config.block_size, loaded.dtype, config.device, config.attention_backend,
+                                  config.max_num_seqs, self.max_model_len, config.enforce_eager)
+        probe = sizing.memory_probe(config.device)
+        measured = None if probe is None else functools.partial(
+            sizing.profile_kv_cache_bytes, probe, functools.partial(
+                self.runner.profile_run, config.max_num_batched_tokens, config.max_num_seqs),
+            config.gpu_memory_utilization)
+        per_block = kv_bytes_per_block(mc.num_hidden_layers, mc.num_key_value_heads, mc.head_dim, config.block_size,
+                                       loaded.dtype)
+        num_blocks, num_offload_blocks = sizing.num_blocks(config, per_block, measured)
+        self.runner.allocate_kv_caches(num_blocks, num_offload_blocks, config.kv_offload_dir)
         self.kv_cache = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching,
                                        config.kv_reservation, self.max_model_len, num_offload_blocks)
         self.scheduler = Scheduler(SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens,
                                                    self.max_model_len, config.enable_chunked_prefill,
                                                    config.preemption_mode), self.kv_cache)
-        self.runner = ModelRunner(loaded.model, mc.num_hidden_layers, mc.num_key_value_heads, mc.head_dim,
-                                  num_blocks, config.block_size, loaded.dtype, config.device,
-                                  config.attention_backend, config.max_num_seqs, config.enforce_eager,
-                                  num_offload_blocks, config.kv_offload_dir)
         self.eos_token_ids = set(mc.eos_token_ids)
         self.structured_output = StructuredOutputManager(self.tokenizer, mc.vocab_size, self.eos_token_ids)
         # Logprobs name each listed token by its text: decoded once per token id (a long prompt's

@@ -52,7 +52,8 @@ def _help_of(lines: list[str], flag: str) -> str:
 
 @pytest.mark.parametrize("argv,shown", [
     (["serve"], {"--host HOST": "127.0.0.1", "--port PORT": "8000", "--block-size BLOCK_SIZE": "16",
-                 "--kv-cache-memory KV_CACHE_MEMORY": "1GiB", "--max-num-seqs MAX_NUM_SEQS": "256",
+                 "--kv-cache-memory KV_CACHE_MEMORY": "1GiB on the CPU; on a GPU, what --gpu-memory-utilization leaves",
+                 "--gpu-memory-utilization GPU_MEMORY_UTILIZATION": "0.9", "--max-num-seqs MAX_NUM_SEQS": "256",
                  "--kv-reservation {none,request,max_model_len}": "none", "--seed SEED": "0",
                  "--enable-prefix-caching, --no-enable-prefix-caching": "True",
                  "--max-model-len MAX_MODEL_LEN": "the model's"}),

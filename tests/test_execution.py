@@ -76,7 +76,7 @@ def test_the_runner_lays_rows_out_as_the_backend_asks(tiny_model_dir):
 
 
 def test_metadata_pads_block_tables_with_the_null_block():
-    builder = MetadataBuilder(block_size=4, null_block=99, max_seqs=1, max_blocks=1)  # grows as needed
+    builder = MetadataBuilder(block_size=4, null_block=99)
     positions, meta = builder.build([[7], [3, 5, 8]], [1, 6], [2, 4], TorchBackend())
     assert meta.block_tables.tolist() == [[7, 99, 99], [3, 5, 8]]
     assert positions.tolist() == [2, 4, 5, 6, 7, 8, 9]

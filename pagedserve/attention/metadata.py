@@ -1,7 +1,7 @@
 """AttentionMetadata: how one flat, unpadded token batch maps onto the paged KV cache.
 
-The runner builds it once per step (MetadataBuilder, vectorised, into buffers it keeps); every
-attention layer reads it. Sequences are laid out in the order their backend asked for (both CPU
+The runner builds it once per step (MetadataBuilder, vectorised on the CPU, then sent to the device
+without a sync); every attention layer reads it. Sequences are laid out in the order their backend asked for (both CPU
 backends: decodes, query_len == 1, first), so `num_decodes` sequences own the first `num_decodes`
 tokens. Block-table rows are padded with a reserved null block, never a real one.
 """
@@ -58,60 +58,60 @@ class AttentionMetadata:
         if backend is None:
             from pagedserve.attention.torch_backend import TorchBackend
             backend = TorchBackend()
-        max_blocks = max((len(t) for t in block_tables), default=0)
-        builder = MetadataBuilder(block_size, null_block, len(block_tables), max_blocks, device)
+        builder = MetadataBuilder(block_size, null_block, device)
         starts = [s - q for s, q in zip(seq_lens, query_lens)]
         return builder.build(block_tables, query_lens, starts, backend)[1]
 
 
 class MetadataBuilder:
-    """Builds a step's positions and AttentionMetadata with a few vectorised ops, the block tables into a
-    buffer it keeps (grown when a step needs more): no Python loop over tokens or block-table entries."""
+    """Builds a step's positions and AttentionMetadata with a few vectorised ops: no Python loop over tokens
+    or block-table entries."""
 
-    def __init__(self, block_size: int, null_block: int, max_seqs: int, max_blocks: int,
-                 device: torch.device | str = "cpu") -> None:
+    def __init__(self, block_size: int, null_block: int, device: torch.device | str = "cpu") -> None:
         self.block_size = block_size
         self.null_block = null_block
         self.device = torch.device(device)
-        self._tables = torch.empty((max(max_seqs, 1), max(max_blocks, 1)), dtype=torch.int64, device=self.device)
-
-    def _table_buffer(self, num_seqs: int, width: int) -> torch.Tensor:
-        rows, cols = self._tables.shape
-        if num_seqs > rows or width > cols:
-            self._tables = torch.empty((max(rows, num_seqs), max(cols, width)), dtype=torch.int64, device=self.device)
-        table = self._tables[:num_seqs, :width]
-        return table.fill_(self.null_block)
 
     def build(self, block_tables: Sequence[Sequence[int]], query_lens: list[int], start_positions: list[int],
               backend: AttentionBackend) -> tuple[torch.Tensor, AttentionMetadata]:
         """(positions [T], metadata) for sequences in this order, given each one's block table, number of
-        new tokens and the position of the first."""
-        dev, B = self.device, self.block_size
+        new tokens and the position of the first. Computed on the CPU and sent to the device in one go, with
+        no sync."""
+        B = self.block_size
         S = len(query_lens)
         seq_lens = [p + q for p, q in zip(start_positions, query_lens)]
         num_decodes = 0
         while num_decodes < S and query_lens[num_decodes] == 1:
             num_decodes += 1
         lens = [len(t) for t in block_tables]
-        table = self._table_buffer(S, max(lens, default=1) or 1)
+        table = torch.full((S, max(lens, default=1) or 1), self.null_block, dtype=torch.int64)
         flat = torch.tensor(list(itertools.chain.from_iterable(block_tables)), dtype=torch.int64)
         if flat.numel():
             lens_t = torch.tensor(lens)
             rows = torch.repeat_interleave(torch.arange(S), lens_t)
             first = lens_t.cumsum(0) - lens_t  # each row's offset into flat
-            cols = torch.arange(flat.numel()) - first[rows]
-            table[rows.to(dev), cols.to(dev)] = flat.to(dev)
-        qlens = torch.tensor(query_lens, dtype=torch.int64, device=dev)
-        qsl = torch.zeros(S + 1, dtype=torch.int64, device=dev)
+            table[rows, torch.arange(flat.numel()) - first[rows]] = flat
+        qlens = torch.tensor(query_lens, dtype=torch.int64)
+        qsl = torch.zeros(S + 1, dtype=torch.int64)
         torch.cumsum(qlens, 0, out=qsl[1:])
         T = sum(query_lens)
-        seq_of_token = torch.repeat_interleave(torch.arange(S, device=dev), qlens, output_size=T)
-        positions = (torch.arange(T, device=dev) - qsl[:-1][seq_of_token]
-                     + torch.tensor(start_positions, dtype=torch.int64, device=dev)[seq_of_token])
+        seq_of_token = torch.repeat_interleave(torch.arange(S), qlens, output_size=T)
+        positions = (torch.arange(T) - qsl[:-1][seq_of_token]
+                     + torch.tensor(start_positions, dtype=torch.int64)[seq_of_token])
         slot_mapping = table[seq_of_token, positions // B] * B + positions % B
+        table, positions, slot_mapping, qsl, seq_lens_t = (to_device(t, self.device) for t in (
+            table, positions, slot_mapping, qsl, torch.tensor(seq_lens, dtype=torch.int64)))
         meta = AttentionMetadata(
-            slot_mapping=slot_mapping, block_tables=table, query_start_loc=qsl,
-            seq_lens=torch.tensor(seq_lens, dtype=torch.int64, device=dev),
+            slot_mapping=slot_mapping, block_tables=table, query_start_loc=qsl, seq_lens=seq_lens_t,
             query_lens_list=list(query_lens), seq_lens_list=seq_lens, num_decodes=num_decodes,
             block_size=B, backend=backend)
         return positions, meta
+
+
+def to_device(values: list[int] | torch.Tensor, device: torch.device) -> torch.Tensor:
+    """int64 values as a tensor on device. To a GPU through pinned memory, asynchronously: the step's one
+    sync is the sampled tokens coming back."""
+    t = values if isinstance(values, torch.Tensor) else torch.tensor(values, dtype=torch.int64)
+    if device.type == "cpu":
+        return t
+    return t.pin_memory().to(device, non_blocking=True)

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from pagedserve.attention.backend import AttentionBackend
-from pagedserve.attention.metadata import AttentionMetadata
+from pagedserve.attention.metadata import AttentionMetadata, to_device
 
 # Gathered K bytes per decode tile on CPU (about 5.5k tokens for SmolLM2 in bfloat16). On other
 # devices one tile holds the whole batch: big batched kernels beat cache locality there.
@@ -94,8 +94,8 @@ def copy_blocks(kv_caches: list[tuple[torch.Tensor, torch.Tensor]], pairs: list[
     if not pairs:
         return
     device = kv_caches[0][0].device
-    src = torch.tensor([p[0] for p in pairs], dtype=torch.int64, device=device)
-    dst = torch.tensor([p[1] for p in pairs], dtype=torch.int64, device=device)
+    src = to_device([p[0] for p in pairs], device)
+    dst = to_device([p[1] for p in pairs], device)
     for k_cache, v_cache in kv_caches:
         k_cache.index_copy_(0, dst, k_cache.index_select(0, src))
         v_cache.index_copy_(0, dst, v_cache.index_select(0, src))

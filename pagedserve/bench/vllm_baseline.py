@@ -23,6 +23,7 @@ from pathlib import Path
 
 from pagedserve.bench.workload import WorkloadItem
 from pagedserve.config import EngineConfig, parse_memory
+from pagedserve.kv_cache.sizing import DEFAULT_KV_CACHE_MEMORY
 
 RUNNER = Path(__file__).with_name("vllm_runner.py")
 
@@ -60,7 +61,7 @@ def run_vllm_baseline(vllm_python: str, model_path: str, items: list[WorkloadIte
                       config: EngineConfig, max_model_len: int, progress: bool = True) -> dict:
     """vLLM's numbers on these items, or {"error": ...} when it could not run."""
     folder = hf_folder(model_path)
-    kv_gib = max(1, math.ceil(parse_memory(config.kv_cache_memory) / (1 << 30)))
+    kv_gib = max(1, math.ceil(parse_memory(config.kv_cache_memory or DEFAULT_KV_CACHE_MEMORY) / (1 << 30)))
     threads = config.num_threads or os.cpu_count() or 1
     env = {**os.environ, "VLLM_CPU_OMP_THREADS_BIND": f"0-{threads - 1}"}
     with tempfile.TemporaryDirectory(prefix="pagedserve-vllm-") as tmp:
@@ -81,7 +82,7 @@ def run_vllm_baseline(vllm_python: str, model_path: str, items: list[WorkloadIte
         return {"error": f"vLLM exited with {res.returncode}", "log_tail": tail, "command": cmd}
     out = json.loads(lines[-1])
     out.update(command=cmd, model_folder=folder, omp_threads_bind=env["VLLM_CPU_OMP_THREADS_BIND"],
-               kv_cache_memory_ours=str(config.kv_cache_memory))
+               kv_cache_memory_ours=str(config.kv_cache_memory or DEFAULT_KV_CACHE_MEMORY))
     return out
 
 

@@ -108,6 +108,9 @@ def apply_rotary_(x: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tenso
     """
     if (_fused(x) and x.dim() == 3 and cos_sin.dtype == torch.float32 and cos_sin.is_contiguous()
             and x.stride(2) == 1 and x.stride(1) == x.shape[2]):
+        # The C op reads its table unchecked (torch's indexing below checks for itself).
+        if positions.numel() and int(positions.max()) >= cos_sin.shape[0]:
+            raise IndexError(f"position {int(positions.max())} is beyond the model's {cos_sin.shape[0]} positions")
         torch.ops.pagedserve.rotary(x, positions.to(torch.int64).contiguous(), cos_sin, native.thread_count())
         return
     cs = cos_sin[positions].unsqueeze(1)  # [T, 1, D]
