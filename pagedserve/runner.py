@@ -7,7 +7,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from pagedserve.attention import MetadataBuilder, copy_blocks, select_backend, to_device
+from pagedserve.attention import MetadataBuilder, copy_blocks, select_backend
+from pagedserve.device import to_device
 from pagedserve.kv_cache.offload import load_blocks, offload_blocks, tier_storage
 from pagedserve.model import cuda_graph, decode_graph
 from pagedserve.model.packed_linear import pack_linears

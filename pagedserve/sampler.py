@@ -25,6 +25,7 @@ from typing import Collection, Sequence
 
 import torch
 
+from pagedserve.device import to_device
 from pagedserve.outputs import Logprob
 from pagedserve.sampling_params import SamplingParams
 from pagedserve.structured_output import mask_logits_
@@ -46,7 +47,7 @@ def min_tokens_banned_ids(params: SamplingParams, num_output_tokens: int, eos_to
 
 
 def _index(rows: list[int], device) -> torch.Tensor:
-    return torch.tensor(rows, dtype=torch.int64, device=device)
+    return to_device(rows, device)
 
 
 def _flat_positions(rows: Sequence[int], token_lists: Sequence[Sequence[int]], vocab_size: int,
@@ -56,9 +57,9 @@ def _flat_positions(rows: Sequence[int], token_lists: Sequence[Sequence[int]], v
     A token outside [0, V) names no logit of its row (row * V + token would land in another row): it is
     dropped here, so no request's ids can reach a neighbour's logits whatever got past validation.
     """
-    lengths = torch.tensor([len(t) for t in token_lists], dtype=torch.int64, device=device)
-    tokens = torch.tensor(list(itertools.chain.from_iterable(token_lists)), dtype=torch.int64, device=device)
-    row_of = torch.repeat_interleave(torch.tensor(list(rows), dtype=torch.int64, device=device), lengths)
+    lengths = to_device([len(t) for t in token_lists], device)
+    tokens = to_device(list(itertools.chain.from_iterable(token_lists)), device)
+    row_of = torch.repeat_interleave(to_device(list(rows), device), lengths)
     inside = (tokens >= 0) & (tokens < vocab_size)
     return (row_of * vocab_size + tokens)[inside]
 
@@ -89,6 +90,7 @@ class SamplingBatch:
     min_p: torch.Tensor | None = None                # [R, 1]; None when all are 0
     top_k_rows: torch.Tensor | None = None           # [Rk] random rows with 0 < top_k < V
     top_k: torch.Tensor | None = None                # [Rk, 1] int64
+    top_k_max: int = 0                               # the largest of them (known here: no device read)
     top_p_rows: torch.Tensor | None = None           # [Rp] random rows with top_p < 1
     top_p: torch.Tensor | None = None                # [Rp, 1]
     seeded: list[tuple[int, torch.Generator]] = field(default_factory=list)  # (random position, its generator)
@@ -123,7 +125,7 @@ class SamplingBatch:
             return _index(rows, device)
 
         def col(vals, dtype=torch.float32):  # a [n, 1] column, to broadcast over the vocabulary
-            return torch.tensor(vals, dtype=dtype, device=device).unsqueeze(1)
+            return to_device(vals, device, dtype).unsqueeze(1)
 
         if banned_token_ids is not None and any(banned_token_ids):
             b.banned_positions = _flat_positions(range(S), [list(t or []) for t in banned_token_ids], V, device)
@@ -133,14 +135,14 @@ class SamplingBatch:
             seen = [list(prompt_token_ids_list[i]) + list(output_token_ids_list[i]) for i in rep]
             b.repetition_positions = torch.unique(_flat_positions(rep, seen, V, device))
             per_row = torch.ones(S, dtype=torch.float32, device=device)
-            per_row[idx(rep)] = torch.tensor([params_list[i].repetition_penalty for i in rep], device=device)
+            per_row[idx(rep)] = to_device([params_list[i].repetition_penalty for i in rep], device, torch.float32)
             b.repetition_penalty = per_row[b.repetition_positions // V]
         freq = [i for i, p in enumerate(params_list) if p.frequency_penalty != 0.0 or p.presence_penalty != 0.0]
         if freq:
             pos = _flat_positions(freq, [output_token_ids_list[i] for i in freq], V, device)
             b.frequency_positions, counts = torch.unique(pos, return_counts=True)
-            f = torch.tensor([p.frequency_penalty for p in params_list], dtype=torch.float32, device=device)
-            pr = torch.tensor([p.presence_penalty for p in params_list], dtype=torch.float32, device=device)
+            f = to_device([p.frequency_penalty for p in params_list], device, torch.float32)
+            pr = to_device([p.presence_penalty for p in params_list], device, torch.float32)
             row_of = b.frequency_positions // V
             b.frequency_delta = f[row_of] * counts + pr[row_of]
 
@@ -149,9 +151,9 @@ class SamplingBatch:
             tokens = [list(params_list[i].logit_bias) for i in bias]
             b.bias_positions = _flat_positions(bias, tokens, V, device)
             values = [v for i in bias for t, v in params_list[i].logit_bias.items() if 0 <= t < V]
-            b.bias = torch.tensor(values, dtype=torch.float32, device=device)
+            b.bias = to_device(values, device, torch.float32)
         if grammar is not None and len(grammar[0]):
-            b.grammar_rows, b.grammar_bitmask = idx(list(grammar[0])), grammar[1].to(device)
+            b.grammar_rows, b.grammar_bitmask = idx(list(grammar[0])), to_device(grammar[1], device)
 
         greedy = [i for i, p in enumerate(params_list) if p.greedy]
         rand = [i for i, p in enumerate(params_list) if not p.greedy]
@@ -167,6 +169,7 @@ class SamplingBatch:
             tk = [j for j, p in enumerate(rp) if 0 < p.top_k < V]
             if tk:
                 b.top_k_rows, b.top_k = idx(tk), col([rp[j].top_k for j in tk], torch.int64)
+                b.top_k_max = max(rp[j].top_k for j in tk)
             tp = [j for j, p in enumerate(rp) if p.top_p < 1.0]
             if tp:
                 b.top_p_rows, b.top_p = idx(tp), col([rp[j].top_p for j in tp])
@@ -261,7 +264,7 @@ def apply_top_k_top_p(x: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
         x.masked_fill_(x < x_max + torch.log(batch.min_p), float("-inf"))  # log(0) = -inf keeps everything
     if batch.top_k_rows is not None:
         sub, _ = _take(x, batch.top_k_rows, x.shape[0])
-        best = sub.topk(int(batch.top_k.max()), dim=-1).values  # [Rk, kmax], descending
+        best = sub.topk(batch.top_k_max, dim=-1).values  # [Rk, kmax], descending
         _mask_below(x, batch.top_k_rows, best.gather(1, batch.top_k - 1))
     if batch.top_p_rows is not None:
         sub, copied = _take(x, batch.top_p_rows, x.shape[0])

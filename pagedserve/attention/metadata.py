@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Sequence
 
 import torch
 
+from pagedserve.device import to_device
 if TYPE_CHECKING:
     from pagedserve.attention.backend import AttentionBackend
 
@@ -106,12 +107,3 @@ class MetadataBuilder:
             query_lens_list=list(query_lens), seq_lens_list=seq_lens, num_decodes=num_decodes,
             block_size=B, backend=backend)
         return positions, meta
-
-
-def to_device(values: list[int] | torch.Tensor, device: torch.device) -> torch.Tensor:
-    """int64 values as a tensor on device. To a GPU through pinned memory, asynchronously: the step's one
-    sync is the sampled tokens coming back."""
-    t = values if isinstance(values, torch.Tensor) else torch.tensor(values, dtype=torch.int64)
-    if device.type == "cpu":
-        return t
-    return t.pin_memory().to(device, non_blocking=True)

@@ -24,7 +24,8 @@ import torch
 import torch.nn.functional as F
 
 from pagedserve.attention.backend import AttentionBackend
-from pagedserve.attention.metadata import AttentionMetadata, to_device
+from pagedserve.attention.metadata import AttentionMetadata
+from pagedserve.device import to_device
 
 # Gathered K bytes per decode tile on CPU (about 5.5k tokens for SmolLM2 in bfloat16). On other
 # devices one tile holds the whole batch: big batched kernels beat cache locality there.
