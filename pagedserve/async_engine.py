@@ -145,6 +145,8 @@ class AsyncEngine:
         if self._thread is not None:
             self._thread.join(timeout)
         self._grammar_compiler.shutdown(wait=False, cancel_futures=True)
+        if self._thread is None or not self._thread.is_alive():  # a step still running owns the workers
+            self.engine.shutdown()
 
     @property
     def is_running(self) -> bool:

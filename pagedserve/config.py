@@ -50,6 +50,7 @@ class EngineConfig:
     kv_offload_memory: str | int | None = None  # size of the second KV tier (kv_cache/offload.py); None: none
     kv_offload_dir: str | None = None  # the tier as a memory-mapped file in this folder instead of in memory
     preemption_mode: str = "recompute"  # recompute | swap (to the second tier)
+    tensor_parallel_size: int = 1     # ranks each holding 1/N of every layer (distributed/); 1: one process
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -60,7 +61,7 @@ class EngineConfig:
             raise ValueError(f"quantization must be one of {QUANTIZATIONS}, got {self.quantization!r}")
         if self.kv_reservation not in KV_RESERVATIONS:
             raise ValueError(f"kv_reservation must be one of {KV_RESERVATIONS}, got {self.kv_reservation!r}")
-        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
+        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "tensor_parallel_size"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
         if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
@@ -73,6 +74,8 @@ class EngineConfig:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization!r}")
         if self.preemption_mode not in PREEMPTION_MODES:
             raise ValueError(f"preemption_mode must be one of {PREEMPTION_MODES}, got {self.preemption_mode!r}")
+        if self.tensor_parallel_size > 1 and self.quantization != "none":
+            raise ValueError("quantization='gguf' runs on one process: it cannot be split over tensor_parallel_size > 1")
         if self.kv_offload_memory is None:
             for name, unset in (("kv_offload_dir", None), ("preemption_mode", "recompute")):
                 if getattr(self, name) != unset:

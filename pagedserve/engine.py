@@ -20,6 +20,9 @@ from dataclasses import dataclass, field
 import torch
 
 from pagedserve.config import EngineConfig
+from pagedserve.device import to_device
+from pagedserve.distributed import workers
+from pagedserve.distributed.parallel import shard_plan
 from pagedserve.kv_cache import KVCacheManager, sizing
 from pagedserve.model.loader import load_model
 from pagedserve.outputs import CompletionOutput, Logprob, RequestOutput, SchedulerOutput
@@ -98,30 +101,47 @@ class _Group:
         return all(s.finish_reason is not None for s in self.samples)
 
 
+def max_model_len_of(config: EngineConfig, mc) -> int:
+    """The context window: the configured one, at most the model's."""
+    return min(config.max_model_len or mc.context_len, mc.context_len)
+
+
 class LLMEngine:
     def __init__(self, config: EngineConfig | None = None, **kwargs) -> None:
         config = config or EngineConfig.from_kwargs(**kwargs)
         self.config = config
-        if config.num_threads:
-            torch.set_num_threads(config.num_threads)
-        loaded = load_model(config.model, dtype=config.dtype, device=config.device, tokenizer=config.tokenizer,
-                            quantization=config.quantization)
+        tp = config.tensor_parallel_size
+        if config.num_threads or tp > 1:
+            torch.set_num_threads(workers.rank_threads(config.num_threads, tp))
+        tp_workers = None
+        if tp > 1:  # the workers load their shards while this process loads its own
+            init_method = f"tcp://127.0.0.1:{workers.free_port()}"
+            tp_workers = workers.Workers(config, tp, init_method)
+            workers.join_as_rank0(workers.backend_for(config.device), init_method, tp, tp_workers)
+        device = workers.rank_device(config.device, 0)
+        loaded = load_model(config.model, dtype=config.dtype, device=device, tokenizer=config.tokenizer,
+                            quantization=config.quantization, tensor_parallel=(0, tp) if tp > 1 else None)
         self.loaded = loaded
         self.tokenizer = loaded.tokenizer
         self.model_config = mc = loaded.config
         self.model_name = loaded.name
         self.dtype = loaded.dtype
-        self.max_model_len = min(config.max_model_len or mc.context_len, mc.context_len)
-        self.runner = ModelRunner(loaded.model, mc.num_hidden_layers, mc.num_key_value_heads, mc.head_dim,
-                                  config.block_size, loaded.dtype, config.device, config.attention_backend,
+        self.max_model_len = max_model_len_of(config, mc)
+        self.runner = ModelRunner(loaded.model, mc.num_hidden_layers,
+                                  mc.num_key_value_heads if tp == 1 else loaded.model.tp.plan.num_kv_heads,
+                                  mc.head_dim, config.block_size, loaded.dtype, device, config.attention_backend,
                                   config.max_num_seqs, self.max_model_len, config.enforce_eager)
+        if tp_workers is not None:
+            self.runner = workers.TensorParallelRunner(self.runner, tp_workers)
         probe = sizing.memory_probe(config.device)
         measured = None if probe is None else functools.partial(
             sizing.profile_kv_cache_bytes, probe, functools.partial(
                 self.runner.profile_run, config.max_num_batched_tokens, config.max_num_seqs),
             config.gpu_memory_utilization)
-        per_block = kv_bytes_per_block(mc.num_hidden_layers, mc.num_key_value_heads, mc.head_dim, config.block_size,
-                                       loaded.dtype)
+        # Every rank holds the same blocks; a block's bytes on the rank with the most KV heads bound them.
+        kv_heads = max(shard_plan(mc.num_attention_heads, mc.num_key_value_heads, mc.intermediate_size,
+                                  mc.vocab_size, r, tp).num_kv_heads for r in range(tp))
+        per_block = kv_bytes_per_block(mc.num_hidden_layers, kv_heads, mc.head_dim, config.block_size, loaded.dtype)
         num_blocks, num_offload_blocks = sizing.num_blocks(config, per_block, measured)
         self.runner.allocate_kv_caches(num_blocks, num_offload_blocks, config.kv_offload_dir)
         self.kv_cache = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching,
@@ -282,7 +302,7 @@ class LLMEngine:
             rows += [(group, s) for s in samples]
             row_index += [j] * len(samples)
         if row_index != list(range(logits.shape[0])):
-            logits = logits[torch.tensor(row_index, dtype=torch.int64)]
+            logits = logits[to_device(row_index, logits.device)]
         result = None
         if rows:
             with torch.inference_mode():  # the logits are inference tensors: the sampler edits them in place
@@ -490,6 +510,18 @@ class LLMEngine:
 
     def check_invariants(self) -> None:
         self.kv_cache.check_invariants(self.scheduler.running)
+
+    def kv_cache_bytes_per_rank(self) -> list[int]:
+        """The bytes of K/V each rank holds, counted by each rank (one entry without tensor parallelism).
+        Not while a step runs: with tensor parallelism it is a collective."""
+        if isinstance(self.runner, workers.TensorParallelRunner):
+            return self.runner.kv_cache_bytes_per_rank()
+        return [self.runner.kv_cache_bytes()]
+
+    def shutdown(self) -> None:
+        """Stop and reap the tensor-parallel workers, if any (also done when the engine is collected)."""
+        if isinstance(self.runner, workers.TensorParallelRunner):
+            self.runner.shutdown()
 
     def stats(self, detailed: bool = True) -> dict:
         """The engine's numbers (see DESIGN.md); detailed=False skips those that walk every block table."""

@@ -47,6 +47,11 @@ class LLM:
     def stats(self) -> dict:
         return self.llm_engine.stats()
 
+    def shutdown(self) -> None:
+        """Stop the tensor-parallel worker processes now (they also stop when the LLM is collected or the
+        interpreter exits)."""
+        self.llm_engine.shutdown()
+
     def generate(self, prompts, sampling_params: SamplingParams | BeamSearchParams | Sequence | None = None,
                  use_tqdm: bool = True, cache_salt: str | None = None) -> list[RequestOutput]:
         """prompts: str | list[str] | list[{"prompt_token_ids": [...]}]; one SamplingParams or one per prompt."""

@@ -86,6 +86,10 @@ class ModelRunner:
             graphs.capture_all(capture)
         self.cuda_graphs = graphs
 
+    def kv_cache_bytes(self) -> int:
+        """Bytes of this runner's K and V tensors (the pool's blocks and the null block)."""
+        return sum(t.numel() * t.element_size() for pair in self.kv_caches for t in pair)
+
     @torch.inference_mode()
     def profile_run(self, num_tokens: int, num_seqs: int) -> None:
         """The largest step the scheduler may send, on dummy tokens, KV cache or not: num_tokens split over

@@ -31,6 +31,8 @@ KVCache = tuple[torch.Tensor, torch.Tensor]
 
 def unsupported(model: torch.nn.Module, kv_caches: list[KVCache], backend_name: str) -> str | None:
     """Why the graph cannot run this model here, or None."""
+    if getattr(model, "tp", None) is not None:
+        return "a tensor-parallel step all-reduces between its kernels"
     if backend_name != "cpu":
         return f"it calls the cpu attention backend's kernel, not {backend_name}'s"
     if not all(k.dtype == torch.float32 and k.device.type == "cpu" for k, _ in kv_caches):

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pagedserve.attention import AttentionMetadata, paged_attention
+from pagedserve.distributed.parallel import TPGroup
 from pagedserve.model import cpu_ops
 from pagedserve.model.config import ModelConfig
 from pagedserve.model.ggml_linear import GGMLEmbedding, GGMLLinear, GGMLWeight, cat_rows, quantized_module
@@ -64,9 +65,12 @@ class RMSNorm(nn.Module):
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, tp: TPGroup | None = None):
         super().__init__()
+        self.tp = tp  # tensor parallel: this rank's heads; o_proj's partial products summed over the ranks
         self.num_heads, self.num_kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
+        if tp is not None:
+            self.num_heads, self.num_kv_heads = tp.plan.num_q_heads, tp.plan.num_kv_heads
         self.head_dim = cfg.head_dim
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
@@ -85,27 +89,47 @@ class Attention(nn.Module):
         k = qk[:, self.num_heads:]                                              # [T, Hkv, D]
         v = qkv[:, self.q_size + self.kv_size:].view(t, self.num_kv_heads, self.head_dim)  # [T, Hkv, D]
         o = paged_attention(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale)  # [T, Hq, D]
-        return self.o_proj(o.reshape(t, self.q_size))  # [T, H]
+        out = self.o_proj(o.reshape(t, self.q_size))  # [T, H]
+        return out if self.tp is None else self.tp.all_reduce_(out)
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, tp: TPGroup | None = None):
         super().__init__()
+        self.tp = tp
         self.intermediate_size = cfg.intermediate_size
-        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=cfg.mlp_bias)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
+        if tp is not None:
+            self.intermediate_size = tp.plan.intermediate[1] - tp.plan.intermediate[0]
+        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * self.intermediate_size, bias=cfg.mlp_bias)
+        self.down_proj = nn.Linear(self.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(cpu_ops.silu_and_mul(self.gate_up_proj(x)))  # [T, 2I] -> [T, I] -> [T, H]
+        out = self.down_proj(cpu_ops.silu_and_mul(self.gate_up_proj(x)))  # [T, 2I] -> [T, I] -> [T, H]
+        return out if self.tp is None else self.tp.all_reduce_(out)
+
+
+class VocabParallelEmbedding(nn.Embedding):
+    """This rank's rows of the embedding: ids outside its share give zeros, and the sum over the ranks
+    is every id's row."""
+
+    def __init__(self, num_embeddings: int, dim: int, tp: TPGroup) -> None:
+        super().__init__(num_embeddings, dim, _weight=torch.empty(num_embeddings, dim))
+        self.tp, self.first = tp, tp.plan.vocab[0]
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        local = ids - self.first
+        outside = (local < 0) | (local >= self.num_embeddings)
+        x = F.embedding(local.masked_fill(outside, 0), self.weight)
+        return self.tp.all_reduce_(x.masked_fill_(outside[:, None], 0.0))
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, tp: TPGroup | None = None):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = Attention(cfg)
+        self.self_attn = Attention(cfg, tp)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = MLP(cfg)
+        self.mlp = MLP(cfg, tp)
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None, positions: torch.Tensor,
                 rope_cos_sin: torch.Tensor, kv_cache: KVCache, meta: AttentionMetadata
@@ -125,15 +149,17 @@ class DecoderLayer(nn.Module):
 class LlamaForCausalLM(nn.Module):
     """Build it on the meta device and fill it with `load_weights` (the loader does both)."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, tp: TPGroup | None = None):
         super().__init__()
         self.config = cfg
+        self.tp = tp  # tensor parallel (distributed/parallel.py): this rank's slices; None: the whole model
+        vocab = cfg.vocab_size if tp is None else tp.plan.vocab[1] - tp.plan.vocab[0]
         # Given its weight, Embedding skips random init (whose meta-device kernel imports torch._dynamo: ~3 s).
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size,
-                                         _weight=torch.empty(cfg.vocab_size, cfg.hidden_size))
-        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
+        self.embed_tokens = (nn.Embedding(vocab, cfg.hidden_size, _weight=torch.empty(vocab, cfg.hidden_size))
+                             if tp is None else VocabParallelEmbedding(vocab, cfg.hidden_size, tp))
+        self.layers = nn.ModuleList(DecoderLayer(cfg, tp) for _ in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, vocab, bias=False)
         # Computed once in float32, then cast with the model (`.to(dtype)`), as the reference casts cos/sin.
         self.register_buffer("rope_cos_sin", rope_table(cfg), persistent=False)  # [P, D]
 
@@ -149,11 +175,16 @@ class LlamaForCausalLM(nn.Module):
         return self.norm(x, residual)
 
     @torch.inference_mode()
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden: [n, H] -> logits [n, V] in float32."""
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        """hidden: [n, H] -> logits [n, V] in float32. Tensor parallel: on rank 0, gathered from every rank's
+        share of the vocabulary; None on the others."""
         if self.lm_head is not None:  # untied, or the tied embedding packed (packed_linear.py) or quantized
-            return self.lm_head(hidden).float()
-        return F.linear(hidden, self.embed_tokens.weight).float()
+            logits = self.lm_head(hidden)
+        else:
+            logits = F.linear(hidden, self.embed_tokens.weight)
+        if self.tp is not None:
+            logits = self.tp.gather_vocab(logits)
+        return None if logits is None else logits.float()
 
     def load_weights(self, weights: Iterable[tuple[str, "torch.Tensor | GGMLWeight"]]) -> None:
         """Take tensors under Hugging Face names (already in the run dtype and device), fuse
@@ -175,6 +206,10 @@ class LlamaForCausalLM(nn.Module):
             raise ValueError(f"checkpoint does not fit {self.config.architecture}: "
                              f"missing {missing[:8]}{'...' if len(missing) > 8 else ''}, "
                              f"unexpected {unknown[:8]}{'...' if len(unknown) > 8 else ''}")
+        if self.tp is not None and self.tp.rank != 0:  # a row-parallel bias is added once, by rank 0's share
+            for name in state:
+                if name.endswith(("o_proj.bias", "down_proj.bias")):
+                    state[name] = torch.zeros_like(state[name])
         for name, tensor in state.items():
             if tensor.shape != expected[name].shape:
                 raise ValueError(f"tensor {name} has shape {tuple(tensor.shape)}, "

@@ -6,15 +6,17 @@ in llama.cpp bindings we do not need). Nothing here downloads.
 """
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import os
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 
 from pagedserve.config import QUANTIZATIONS
+from pagedserve.distributed.parallel import TPGroup, shard_plan, weight_slice
 from pagedserve.model import generation_defaults, ggml_linear, gguf_file
 from pagedserve.model.config import SUPPORTED_ARCHITECTURES, ModelConfig
 from pagedserve.model.llama import LlamaForCausalLM
@@ -80,8 +82,13 @@ def resolve_dtype(dtype: str | torch.dtype, device: torch.device | str = "cpu") 
 
 
 def load_model(model: str | None = None, dtype: str | torch.dtype = "auto", device: torch.device | str = "cpu",
-               tokenizer: str | None = None, quantization: str = "none") -> LoadedModel:
+               tokenizer: str | None = None, quantization: str = "none",
+               tensor_parallel: tuple[int, int] | None = None) -> LoadedModel:
     """Load a HF model folder or a .gguf file (None: the default model) in `dtype` on `device`.
+
+    tensor_parallel: (rank, world size): load only this rank's slice of every tensor (distributed/parallel.py),
+    read as a slice from a safetensors file; from a GGUF each tensor is dequantized, sliced, and dropped
+    before the next, so a rank never holds more than one whole tensor.
 
     tokenizer: another folder or .gguf file to take the tokenizer from (default: the model's own).
     quantization: "none" dequantizes a GGUF's weights into `dtype`; "gguf" keeps those of the types
@@ -107,13 +114,22 @@ def load_model(model: str | None = None, dtype: str | torch.dtype = "auto", devi
     if kind == "gguf":
         f = gguf_file.open_gguf(path)
         cfg = gguf_file.config_from_gguf(f)
-        weights = gguf_file.iter_gguf_weights(f, cfg, run_dtype, device, keep_quantized=quantization == "gguf")
-        gen = generation_defaults.from_gguf_metadata(f.metadata)
     else:
         cfg = read_hf_config(path)
-        weights = _iter_safetensors(path, run_dtype, device)
+    tp = None
+    if tensor_parallel is not None:
+        plan = shard_plan(cfg.num_attention_heads, cfg.num_key_value_heads, cfg.intermediate_size, cfg.vocab_size,
+                          *tensor_parallel)
+        tp = TPGroup(plan)
+    select = None if tp is None else functools.partial(weight_slice, tp.plan, head_dim=cfg.head_dim)
+    if kind == "gguf":
+        weights = gguf_file.iter_gguf_weights(f, cfg, run_dtype, device, keep_quantized=quantization == "gguf",
+                                              select=select)
+        gen = generation_defaults.from_gguf_metadata(f.metadata)
+    else:
+        weights = _iter_safetensors(path, run_dtype, device, select)
         gen = generation_defaults.from_hf_folder(path)
-    net = build_model(cfg, weights, run_dtype, device)
+    net = build_model(cfg, weights, run_dtype, device, tp)
     tok = load_tokenizer(tokenizer or path)
     name = DEFAULT_MODEL_NAME if model is None else os.path.basename(path.rstrip("/"))
     return LoadedModel(model=net, config=cfg, tokenizer=tok, dtype=run_dtype, device=device, path=path, name=name,
@@ -121,11 +137,11 @@ def load_model(model: str | None = None, dtype: str | torch.dtype = "auto", devi
 
 
 def build_model(cfg: ModelConfig, weights: Iterator[tuple[str, torch.Tensor]], dtype: torch.dtype,
-                device: torch.device) -> LlamaForCausalLM:
-    """The model with its weights installed; parameters start on the meta device so
-    nothing is allocated or randomly initialised only to be overwritten."""
+                device: torch.device, tp: TPGroup | None = None) -> LlamaForCausalLM:
+    """The model (this rank's shard, with tp) with its weights installed; parameters start on the meta
+    device so nothing is allocated or randomly initialised only to be overwritten."""
     with torch.device("meta"):
-        net = LlamaForCausalLM(cfg)
+        net = LlamaForCausalLM(cfg, tp)
     net.load_weights(weights)
     net.to(device=device, dtype=dtype)  # moves the rope table; the weights are already there
     return net.requires_grad_(False).eval()
@@ -201,9 +217,18 @@ def _safetensors_files(folder: str) -> list[str]:
     return files
 
 
-def _iter_safetensors(folder: str, dtype: torch.dtype, device: torch.device) -> Iterator[tuple[str, torch.Tensor]]:
+def _iter_safetensors(folder: str, dtype: torch.dtype, device: torch.device,
+                      select: Callable[[str], tuple[int, int, int] | None] | None = None
+                      ) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) of every tensor; select(name) -> (dim, start, end): read only that slice of it."""
     from safetensors import safe_open
     for file in _safetensors_files(folder):
         with safe_open(file, framework="pt", device="cpu") as f:
             for name in f.keys():
-                yield name, f.get_tensor(name).to(device=device, dtype=dtype)
+                part = None if select is None else select(name)
+                if part is None:
+                    tensor = f.get_tensor(name)
+                else:
+                    dim, start, end = part
+                    tensor = f.get_slice(name)[(slice(None),) * dim + (slice(start, end),)]
+                yield name, tensor.to(device=device, dtype=dtype)

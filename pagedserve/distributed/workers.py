@@ -1,0 +1,260 @@
+"""The ranks of a tensor-parallel engine: rank 0 is the engine's own process (it schedules, runs its shard of
+the model and samples); ranks 1..N-1 are worker processes it spawns, each running its own ModelRunner
+over its shard and its own KV cache (its heads' K/V of the same blocks).
+
+A step on rank 0 (`TensorParallelRunner.execute`): broadcast the step, then run it. The message is the
+step as the workers need it with each block table sent as what changed since the previous step (the
+blocks appended, or the whole table when it was replaced), so a decode step sends a few ints a sequence.
+Every rank then runs the same forward: the all-reduces and the logits' gather inside the model are its
+only other communication. Any call that fails (a worker killed, a collective timing out) marks the group
+broken: the engine raises a clear error on every later step, and shutdown reaps the workers.
+"""
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import socket
+import threading
+import weakref
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from pagedserve.outputs import ScheduledSequence, SchedulerOutput
+
+log = logging.getLogger(__name__)
+
+# How long a collective (or the start-up rendezvous) may wait for the other ranks before failing.
+COLLECTIVE_TIMEOUT_S = 120.0
+STOP = "stop"
+
+
+class TensorParallelError(RuntimeError):
+    """The tensor-parallel group failed: a rank died or a collective failed or timed out."""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def backend_for(device: str) -> str:
+    return "nccl" if torch.device(device).type == "cuda" else "gloo"
+
+
+def rank_device(device: str, rank: int) -> str:
+    """Each rank's device: cuda:rank on GPUs (one GPU a rank), the CPU otherwise."""
+    return f"cuda:{rank}" if torch.device(device).type == "cuda" else device
+
+
+def rank_threads(num_threads: int | None, world_size: int) -> int:
+    """Torch threads of each rank: as configured, else the CPU's cores shared out."""
+    return num_threads or max(1, (os.cpu_count() or 1) // world_size)
+
+
+class StepEncoder:
+    """Rank 0's side of the block-table deltas: what each sequence's table was in the previous step."""
+
+    def __init__(self) -> None:
+        self._tables: dict[str, list[int]] = {}
+
+    def encode(self, sched: SchedulerOutput) -> tuple:
+        seqs, tables = [], {}
+        for s in sched.sequences:
+            old = self._tables.get(s.request_id)
+            if old is not None and s.block_ids[:len(old)] == old:
+                blocks = ("+", s.block_ids[len(old):])
+            else:
+                blocks = ("=", s.block_ids)
+            tables[s.request_id] = list(s.block_ids)
+            seqs.append((s.request_id, s.token_ids, s.start_pos, blocks, s.sample, s.prompt_logprobs,
+                         s.prompt_targets))
+        self._tables = tables  # a sequence not in this step sends its whole table when it comes back
+        t = sched.transfers
+        return seqs, (t.offload, t.load, t.copy)
+
+
+class StepDecoder:
+    """A worker's side: the same tables, rebuilt from the deltas."""
+
+    def __init__(self) -> None:
+        self._tables: dict[str, list[int]] = {}
+
+    def decode(self, message: tuple) -> SchedulerOutput:
+        from pagedserve.outputs import BlockTransfers
+        seqs, (offload, load, copy) = message
+        out, tables = SchedulerOutput(transfers=BlockTransfers(offload, load, copy)), {}
+        for request_id, token_ids, start_pos, (kind, blocks), sample, prompt_logprobs, targets in seqs:
+            table = self._tables[request_id] + blocks if kind == "+" else blocks
+            tables[request_id] = table
+            out.sequences.append(ScheduledSequence(request_id, token_ids, start_pos, table, sample,
+                                                   prompt_logprobs, targets))
+        self._tables = tables
+        return out
+
+
+def _broadcast(obj: Any) -> Any:
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def worker_main(config_fields: dict, rank: int, world_size: int, init_method: str) -> None:
+    """A worker rank's process: join the group, load this rank's shard, then run what rank 0 broadcasts
+    until it says stop (or the group fails, which ends the process)."""
+    from pagedserve.config import EngineConfig
+    from pagedserve.distributed.parallel import init_process_group
+    config = EngineConfig(**config_fields)
+    torch.set_num_threads(rank_threads(config.num_threads, world_size))
+    init_process_group(backend_for(config.device), init_method, rank, world_size, COLLECTIVE_TIMEOUT_S)
+    try:
+        runner = build_rank_runner(config, rank, world_size)
+        decoder = StepDecoder()
+        while True:
+            name, args = _broadcast(None)
+            if name == STOP:
+                break
+            if name == "execute":
+                runner.execute(decoder.decode(args[0]))
+            elif name == "kv_cache_bytes":
+                dist.gather_object(runner.kv_cache_bytes(), None, dst=0)
+            else:
+                getattr(runner, name)(*args)
+    finally:
+        dist.destroy_process_group()
+
+
+def build_rank_runner(config, rank: int, world_size: int):
+    """This rank's model shard and its ModelRunner (no KV cache yet: rank 0 sends the size)."""
+    from pagedserve.engine import max_model_len_of
+    from pagedserve.model.loader import load_model
+    from pagedserve.runner import ModelRunner
+    loaded = load_model(config.model, dtype=config.dtype, device=rank_device(config.device, rank),
+                        tokenizer=config.tokenizer, quantization=config.quantization,
+                        tensor_parallel=(rank, world_size))
+    mc = loaded.config
+    return ModelRunner(loaded.model, mc.num_hidden_layers, loaded.model.tp.plan.num_kv_heads, mc.head_dim,
+                       config.block_size, loaded.dtype, rank_device(config.device, rank), config.attention_backend,
+                       config.max_num_seqs, max_model_len_of(config, mc), config.enforce_eager)
+
+
+class Workers:
+    """The spawned worker processes of ranks 1..N-1."""
+
+    def __init__(self, config, world_size: int, init_method: str) -> None:
+        import dataclasses
+        ctx = multiprocessing.get_context("spawn")  # a fresh interpreter: no forked torch or OpenMP state
+        fields = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
+        self.processes = [ctx.Process(target=worker_main, args=(fields, rank, world_size, init_method),
+                                      name=f"pagedserve-tp-rank{rank}", daemon=True)
+                          for rank in range(1, world_size)]
+        for p in self.processes:
+            p.start()
+
+    def failure(self) -> str | None:
+        """Which worker has exited, if any."""
+        for rank, p in enumerate(self.processes, start=1):
+            if not p.is_alive():
+                return f"tensor-parallel rank {rank} exited with code {p.exitcode}"
+        return None
+
+    def reap(self, timeout: float = 10.0) -> None:
+        """Wait for the workers to exit, then terminate, then kill the ones that will not."""
+        for p in self.processes:
+            p.join(timeout)
+        for p in self.processes:
+            if p.is_alive():
+                p.terminate()
+                p.join(2.0)
+            if p.is_alive():
+                p.kill()
+                p.join()
+
+
+def join_as_rank0(backend: str, init_method: str, world_size: int, workers: Workers) -> None:
+    """Rank 0 joins the group, watching the workers meanwhile: one that dies before it joins (a bad model
+    path, a script without a `__main__` guard under spawn) fails start-up at once, not at the timeout."""
+    from pagedserve.distributed.parallel import init_process_group
+    errors: list[BaseException] = []
+
+    def join() -> None:
+        try:
+            init_process_group(backend, init_method, 0, world_size, COLLECTIVE_TIMEOUT_S)
+        except BaseException as e:  # noqa: BLE001 - handed to the caller's thread
+            errors.append(e)
+    thread = threading.Thread(target=join, name="pagedserve-tp-join", daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(0.1)
+        failure = workers.failure()
+        if failure is not None and thread.is_alive():
+            workers.reap(timeout=0)
+            raise TensorParallelError(f"{failure} before joining the group (its error is printed above)")
+    if errors:
+        workers.reap(timeout=0)
+        raise TensorParallelError(f"the tensor-parallel group did not form: {errors[0]}") from errors[0]
+
+
+class TensorParallelRunner:
+    """Rank 0's runner: every call that runs the model is broadcast to the workers, then run here. Other
+    attributes are the local ModelRunner's."""
+
+    def __init__(self, runner, workers: Workers) -> None:
+        self.runner, self.workers = runner, workers
+        self.encoder = StepEncoder()
+        self._state: dict[str, str | None] = {"broken": None}  # shared with the finalizer
+        self._finalizer = weakref.finalize(self, _shutdown, workers, self._state)
+
+    @property
+    def broken(self) -> str | None:
+        """Why the group stopped working, or None."""
+        return self._state["broken"]
+
+    def __getattr__(self, name: str):
+        return getattr(self.runner, name)
+
+    def _call(self, name: str, args: tuple, local_args: tuple | None = None):
+        if self.broken is not None:
+            raise TensorParallelError(f"the tensor-parallel group is broken ({self.broken}); restart the engine")
+        try:
+            _broadcast((name, args))
+            return getattr(self.runner, name)(*(args if local_args is None else local_args))
+        except Exception as e:
+            self._state["broken"] = self.workers.failure() or f"{type(e).__name__}: {e}"
+            raise TensorParallelError(f"tensor-parallel step failed: {self.broken}") from e
+
+    def execute(self, sched: SchedulerOutput):
+        return self._call("execute", (self.encoder.encode(sched),), (sched,))
+
+    def profile_run(self, num_tokens: int, num_seqs: int) -> None:
+        self._call("profile_run", (num_tokens, num_seqs))
+
+    def allocate_kv_caches(self, num_blocks: int, num_offload_blocks: int = 0, offload_dir: str | None = None) -> None:
+        self._call("allocate_kv_caches", (num_blocks, num_offload_blocks, offload_dir))
+
+    def kv_cache_bytes_per_rank(self) -> list[int]:
+        """The bytes of K/V each rank holds, as each rank counts its own tensors."""
+        if self.broken is not None:
+            raise TensorParallelError(f"the tensor-parallel group is broken ({self.broken})")
+        _broadcast(("kv_cache_bytes", ()))
+        out: list[int] = [0] * (len(self.workers.processes) + 1)
+        dist.gather_object(self.runner.kv_cache_bytes(), out, dst=0)
+        return out
+
+    def shutdown(self) -> None:
+        self._finalizer()
+
+
+def _shutdown(workers: Workers, state: dict) -> None:
+    """Tell the workers to stop (if the group still works), reap them, leave the group."""
+    if state["broken"] is None and workers.failure() is None:
+        try:
+            _broadcast((STOP, ()))
+        except Exception:  # noqa: BLE001 - a broken group: reaping below ends the workers anyway
+            log.warning("could not tell the tensor-parallel workers to stop; terminating them")
+    workers.reap()
+    if dist.is_initialized():
+        dist.destroy_process_group()
