@@ -41,6 +41,9 @@ ENGINE_HELP = {
                          "kept there under their hash and loaded back on a prefix hit instead of recomputed",
     "kv_offload_dir": "keep the second KV tier in a memory-mapped file in this folder (the OS pages it to disk) "
                       "instead of in memory; needs --kv-offload-memory",
+    "tensor_parallel_size": "ranks each holding 1/N of every layer (heads, MLP columns, vocabulary) and of the KV "
+                            "cache, as processes on this host over torch.distributed (gloo on the CPU, NCCL on "
+                            "CUDA, one GPU a rank); this process is rank 0 and samples",
     "preemption_mode": f"how a request is preempted when the pool is full: {' | '.join(PREEMPTION_MODES)} (swap "
                        "parks its blocks in the second tier and loads them back; needs --kv-offload-memory)",
 }

@@ -28,6 +28,7 @@ from typing import Sequence
 import torch
 
 from pagedserve import native
+from pagedserve.optional import require
 from pagedserve.sampling_params import StructuredOutputsParams
 
 log = logging.getLogger(__name__)
@@ -55,6 +56,12 @@ def _clean(error: Exception) -> str:
     return text if len(text) <= 512 else text[:512] + "..."
 
 
+def _xgrammar():
+    """The xgrammar module; a MissingDependency (an ImportError, not a GrammarError: the request is not at fault)
+    where it is not installed. Only structured output needs it."""
+    return require("xgrammar", "structured output (JSON schema, regex, choice, EBNF)")
+
+
 def _choice_grammar(choices: Sequence[str]) -> str:
     """EBNF whose language is exactly the given strings (their JSON quoting is a valid EBNF literal)."""
     return "root ::= " + " | ".join(json.dumps(c, ensure_ascii=False) for c in choices)
@@ -75,7 +82,7 @@ class StructuredOutputManager:
     def _get_compiler(self):
         with self._lock:
             if self._compiler is None:
-                import xgrammar as xgr  # the first grammar pays for the import and the token tables
+                xgr = _xgrammar()  # the first grammar pays for the import and the token tables
                 info = xgr.TokenizerInfo.from_huggingface(self._tokenizer, vocab_size=self.vocab_size,
                                                           stop_token_ids=self._stop_token_ids)
                 self._compiler = xgr.GrammarCompiler(info, max_threads=1, cache_enabled=False)
@@ -131,8 +138,7 @@ class GrammarState:
     """One sequence's position in its grammar."""
 
     def __init__(self, compiled) -> None:
-        import xgrammar as xgr
-        self._matcher = xgr.GrammarMatcher(compiled)
+        self._matcher = _xgrammar().GrammarMatcher(compiled)
 
     def accept(self, token_id: int) -> bool:
         """Advance over a sampled token; False if the grammar does not allow it."""

@@ -35,7 +35,7 @@ def test_flash_decoding_split_matches_the_reference(block_size, gqa):
     backend = TritonBackend(**SPLITTING)
     q, k, v, kc, vc, meta, fk, fv = make_batch(specs, block_size, gqa, torch.float32, seed=gqa, backend=backend)
     splits = backend.num_splits(meta.num_decodes, kc.shape[2], max(lens), q.device)
-    assert splits == 10  # ceil(300 / 32): the split path runs, some rows with empty splits
+    assert splits == 16  # ceil(300 / 32) = 10, rounded up to a power of two: some rows have empty splits
     out = paged_attention(q, k, v, kc, vc, meta, 0.2)
     assert rel_err(out, dense_reference(q, fk, fv, meta.query_lens_list, 0.2)) < 1e-5
 

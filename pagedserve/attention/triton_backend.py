@@ -116,7 +116,8 @@ class TritonBackend(AttentionBackend):
             target = 4 * torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 8
         by_occupancy = math.ceil(target / (rows * num_kv_heads))
         by_length = math.ceil(max_context / self.split_tokens)
-        return max(1, min(by_occupancy, by_length, MAX_SPLITS))
+        # A power of two: the count is a compile-time constant, so this bounds the kernel variants to six.
+        return _pow2(max(1, min(by_occupancy, by_length, MAX_SPLITS)))
 
     def _decode_split(self, out: torch.Tensor, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                       meta: AttentionMetadata, scale: float, splits: int, g: int, common: dict) -> None:

@@ -16,6 +16,7 @@ import torch
 
 from pagedserve.model.config import ModelConfig
 from pagedserve.model.ggml_linear import GGML_BLOCK_TYPES, GGMLWeight
+from pagedserve.optional import require
 
 # GGUF general.architecture -> HF architecture. Mistral GGUFs say "llama".
 GGUF_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
@@ -67,9 +68,9 @@ class GGUFPackageFile(GGUFFile):
     """The same, read through the `gguf` package (for transformers without its own reader)."""
 
     def __init__(self, path: str):
-        from gguf import GGUFReader
+        gguf = require("gguf", "reading a .gguf file with a transformers that has no GGUF reader of its own")
         self.path = path
-        self._reader = GGUFReader(path)
+        self._reader = gguf.GGUFReader(path)
         self.metadata = {k: (len(f.data) if f.types[0].name == "ARRAY" and f.types[-1].name == "STRING"
                              else f.contents())
                          for k, f in self._reader.fields.items() if not k.startswith("GGUF.")}  # header, not metadata
@@ -159,10 +160,11 @@ def unpermute_rope_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
 
 
 def iter_gguf_weights(f: GGUFFile, cfg: ModelConfig, dtype: torch.dtype, device: torch.device | str = "cpu",
-                      keep_quantized: bool = False) -> Iterator[tuple[str, "torch.Tensor | GGMLWeight"]]:
+                      keep_quantized: bool = False, select=None) -> Iterator[tuple[str, "torch.Tensor | GGMLWeight"]]:
     """Dequantize every tensor to float32, restore HF layout, cast to `dtype` (one rounding);
     yields (HF name, tensor). keep_quantized: weights of the types ggml_linear runs stay as the
-    file's bytes (GGMLWeight, rows in HF order)."""
+    file's bytes (GGMLWeight, rows in HF order). select(HF name) -> (dim, start, end): keep only that
+    slice of the dequantized tensor (a tensor-parallel rank's)."""
     for gguf_name in f.tensor_names:
         if gguf_name == ROPE_FREQS:
             continue  # folded into the config's rope_freq_factors
@@ -174,6 +176,10 @@ def iter_gguf_weights(f: GGUFFile, cfg: ModelConfig, dtype: torch.dtype, device:
                 w = unpermute_rope_rows(w, cfg.num_attention_heads)  # whole rows: quantized ones too
             elif ".k_proj." in name:
                 w = unpermute_rope_rows(w, cfg.num_key_value_heads)
+        part = None if select is None or q is not None else select(name)
+        if part is not None:
+            dim, start, end = part
+            w = w.narrow(dim, start, end - start).clone()  # not a view: the whole tensor is freed
         if q is None:
             yield name, w.to(device=device, dtype=dtype)
         else:

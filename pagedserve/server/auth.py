@@ -17,7 +17,7 @@ from typing import Callable
 
 from pagedserve.server.policy import (FULL_ACCESS, JWTConfig, Policy, TokenQuota, endpoint_denial, load_auth_config,
                                       narrow, verify_jwt)
-from pagedserve.server.protocol import OpenAIError
+from pagedserve.server.errors import OpenAIError
 
 ANONYMOUS = "anonymous"
 

@@ -14,7 +14,7 @@ import asyncio
 import time
 
 from pagedserve.server.audit import CLIENT_CLOSED
-from pagedserve.server.protocol import OpenAIError
+from pagedserve.server.errors import OpenAIError
 
 DEFAULT_MAX_REQUEST_BYTES = 32 * 1024 * 1024
 DEFAULT_BODY_READ_TIMEOUT = 60.0

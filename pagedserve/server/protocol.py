@@ -6,12 +6,12 @@ working; fields we know but cannot honour are rejected instead of silently ignor
 from __future__ import annotations
 
 import dataclasses
-import json
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from pagedserve.sampling_params import BeamSearchParams, SamplingParams, StructuredOutputsParams
+from pagedserve.server.errors import OpenAIError
 
 MAX_N = 64  # most samples per prompt
 MAX_ECHO_CHARS = 256  # most characters of a client's value repeated in an error message
@@ -31,32 +31,6 @@ def shorten(value: object, limit: int = MAX_ECHO_CHARS) -> str:
 def cap(text: str, limit: int = MAX_ECHO_CHARS) -> str:
     """text cut to `limit` characters, with a marker saying how much was cut."""
     return text if len(text) <= limit else f"{text[:limit]}...[{len(text) - limit} more chars]"
-
-
-class OpenAIError(Exception):
-    """An error answered as {"error": {"message", "type", "param", "code"}} with an HTTP status."""
-
-    def __init__(self, status: int, message: str, type: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None,
-                 headers: tuple[tuple[bytes, bytes], ...] = ()) -> None:
-        super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
-        self.headers = headers  # sent with the answer, from a middleware or a handler (Retry-After, say)
-
-    def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
-
-    def encode(self) -> bytes:
-        """The JSON body; ASCII, so no client text (a lone surrogate, say) can fail to encode."""
-        return json.dumps(self.body(), ensure_ascii=True).encode()
-
-    async def send(self, send, headers: tuple[tuple[bytes, bytes], ...] = ()) -> None:
-        """Answer through a raw ASGI `send` (for middlewares, which run outside FastAPI's handlers)."""
-        body = self.encode()
-        await send({"type": "http.response.start", "status": self.status, "headers": [
-            (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), *self.headers,
-            *headers]})
-        await send({"type": "http.response.body", "body": body})
 
 
 def bad_request(message: str, param: str | None = None) -> OpenAIError:
