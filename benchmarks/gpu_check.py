@@ -704,14 +704,11 @@ def warmup_prompts(plan: Plan) -> list[list[int]]:
 
 
 def pagedserve_memory_options(plan: Plan) -> dict:
-    """How the KV pool is sized: on the GPU by gpu_memory_utilization where this engine has it (being added
-    alongside this script), else a fixed 40 GiB; on the CPU a small fixed budget."""
-    from pagedserve.config import EngineConfig
+    """How the KV pool is sized: on the GPU by gpu_memory_utilization (after a profiling step, as vLLM); on the
+    CPU a small fixed budget."""
     if plan.device != "cuda":
         return {"kv_cache_memory": plan.kv_cache_memory_cpu}
-    if "gpu_memory_utilization" in {f.name for f in dataclasses.fields(EngineConfig)}:
-        return {"gpu_memory_utilization": 0.9}
-    return {"kv_cache_memory": "40GiB"}
+    return {"gpu_memory_utilization": 0.9}
 
 
 # ---- 3a. greedy parity with transformers in float32 ---------------------------------------------------------------

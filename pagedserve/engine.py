@@ -106,6 +106,34 @@ def max_model_len_of(config: EngineConfig, mc) -> int:
     return min(config.max_model_len or mc.context_len, mc.context_len)
 
 
+def _start_runner(config: EngineConfig, device: str):
+    """The model (this process's shard, with tensor parallelism) and its runner; with tensor parallelism the
+    workers are spawned first (they load their shards while this process loads its own), and reaped if
+    this process fails before the runner that owns them exists."""
+    tp = config.tensor_parallel_size
+    tp_workers = control = None
+    if tp > 1:
+        init_method = f"tcp://127.0.0.1:{workers.free_port()}"
+        tp_workers = workers.Workers(config, tp, init_method)
+        control = workers.join_as_rank0(workers.backend_for(config.device), init_method, tp, tp_workers, device)
+    try:
+        loaded = load_model(config.model, dtype=config.dtype, device=device, tokenizer=config.tokenizer,
+                            quantization=config.quantization, tensor_parallel=(0, tp) if tp > 1 else None)
+        mc = loaded.config
+        runner = ModelRunner(loaded.model, mc.num_hidden_layers,
+                             mc.num_key_value_heads if tp == 1 else loaded.model.tp.plan.num_kv_heads,
+                             mc.head_dim, config.block_size, loaded.dtype, device, config.attention_backend,
+                             config.max_num_seqs, max_model_len_of(config, mc), config.enforce_eager)
+    except BaseException:
+        if tp_workers is not None:
+            tp_workers.reap(timeout=0)
+            torch.distributed.destroy_process_group()
+        raise
+    if tp_workers is not None:
+        runner = workers.TensorParallelRunner(runner, tp_workers, control)
+    return loaded, runner
+
+
 class LLMEngine:
     def __init__(self, config: EngineConfig | None = None, **kwargs) -> None:
         config = config or EngineConfig.from_kwargs(**kwargs)
@@ -113,31 +141,20 @@ class LLMEngine:
         tp = config.tensor_parallel_size
         if config.num_threads or tp > 1:
             torch.set_num_threads(workers.rank_threads(config.num_threads, tp))
-        tp_workers = None
-        if tp > 1:  # the workers load their shards while this process loads its own
-            init_method = f"tcp://127.0.0.1:{workers.free_port()}"
-            tp_workers = workers.Workers(config, tp, init_method)
-            workers.join_as_rank0(workers.backend_for(config.device), init_method, tp, tp_workers)
         device = workers.rank_device(config.device, 0)
-        loaded = load_model(config.model, dtype=config.dtype, device=device, tokenizer=config.tokenizer,
-                            quantization=config.quantization, tensor_parallel=(0, tp) if tp > 1 else None)
+        loaded, self.runner = _start_runner(config, device)
         self.loaded = loaded
         self.tokenizer = loaded.tokenizer
         self.model_config = mc = loaded.config
         self.model_name = loaded.name
         self.dtype = loaded.dtype
         self.max_model_len = max_model_len_of(config, mc)
-        self.runner = ModelRunner(loaded.model, mc.num_hidden_layers,
-                                  mc.num_key_value_heads if tp == 1 else loaded.model.tp.plan.num_kv_heads,
-                                  mc.head_dim, config.block_size, loaded.dtype, device, config.attention_backend,
-                                  config.max_num_seqs, self.max_model_len, config.enforce_eager)
-        if tp_workers is not None:
-            self.runner = workers.TensorParallelRunner(self.runner, tp_workers)
-        probe = sizing.memory_probe(config.device)
-        measured = None if probe is None else functools.partial(
-            sizing.profile_kv_cache_bytes, probe, functools.partial(
-                self.runner.profile_run, config.max_num_batched_tokens, config.max_num_seqs),
-            config.gpu_memory_utilization)
+        # The largest step: the token budget, or without chunking a whole prompt of up to the window.
+        profile_tokens = config.max_num_batched_tokens
+        if not config.enable_chunked_prefill:
+            profile_tokens = max(profile_tokens, self.max_model_len)
+        measured = None if sizing.memory_probe(device) is None else functools.partial(
+            self.runner.measure_kv_budget, profile_tokens, config.max_num_seqs, config.gpu_memory_utilization)
         # Every rank holds the same blocks; a block's bytes on the rank with the most KV heads bound them.
         kv_heads = max(shard_plan(mc.num_attention_heads, mc.num_key_value_heads, mc.intermediate_size,
                                   mc.vocab_size, r, tp).num_kv_heads for r in range(tp))

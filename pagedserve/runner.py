@@ -9,6 +9,7 @@ import torch
 
 from pagedserve.attention import MetadataBuilder, copy_blocks, select_backend
 from pagedserve.device import to_device
+from pagedserve.kv_cache import sizing
 from pagedserve.kv_cache.offload import load_blocks, offload_blocks, tier_storage
 from pagedserve.model import cuda_graph, decode_graph
 from pagedserve.model.packed_linear import pack_linears
@@ -49,7 +50,7 @@ class ModelRunner:
         self.backend = select_backend(attention_backend, self.device, dtype, head_dim, block_size)
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.kv_tier: torch.Tensor | None = None
-        self.metadata_builder = MetadataBuilder(block_size, 0, self.device)
+        self.metadata_builder: MetadataBuilder | None = None  # with the KV cache: it pads with its null block
         self.decode_graph: decode_graph.DecodeGraph | None = None
         self.cuda_graphs: cuda_graph.CudaGraphs | None = None
 
@@ -108,7 +109,16 @@ class ModelRunner:
         positions, meta = builder.build([list(range(width))] * num_seqs, lens, [0] * num_seqs, self.backend)
         ids = torch.zeros(num_tokens, dtype=torch.int64, device=self.device)
         hidden = self.model(ids, positions, scratch, meta)
-        self.model.compute_logits(hidden[:num_rows])
+        logits = self.model.compute_logits(hidden[:num_rows])
+        if logits is not None:  # the sampler's largest temporary: top-p sorts each row's probabilities
+            torch.softmax(logits, dim=-1).sort(dim=-1, descending=True)
+
+    def measure_kv_budget(self, num_tokens: int, num_seqs: int, utilization: float) -> int:
+        """Bytes this device's KV cache may take (kv_cache/sizing.py), measured around profile_run."""
+        probe = sizing.memory_probe(self.device)
+        if probe is None:
+            raise ValueError(f"the memory of {self.device} is not measured: give kv_cache_memory or num_kv_blocks")
+        return sizing.profile_kv_cache_bytes(probe, lambda: self.profile_run(num_tokens, num_seqs), utilization)
 
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> ModelOutput:
@@ -155,5 +165,7 @@ class ModelRunner:
         result: list[TokenLogprobs] = []
         for a in range(0, len(targets), PROMPT_LOGITS_ROWS):
             b = a + PROMPT_LOGITS_ROWS
-            result += logprobs_of(self.model.compute_logits(hidden[a:b]), targets[a:b], top_n)
+            logits = self.model.compute_logits(hidden[a:b])  # every tensor-parallel rank: it gathers
+            if logits is not None:  # None: a rank other than 0, which only lends its share
+                result += logprobs_of(logits, targets[a:b], top_n)
         return result

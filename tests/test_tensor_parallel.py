@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import signal
 import threading
+import time
 
 import httpx
 import pytest
@@ -13,6 +14,7 @@ import torch
 
 from pagedserve import LLM, SamplingParams
 from pagedserve.distributed.parallel import shard_plan, weight_slice
+from pagedserve.distributed import workers
 from pagedserve.distributed.workers import StepDecoder, StepEncoder, TensorParallelError
 from pagedserve.engine import StepError
 from pagedserve.outputs import BlockTransfers, ScheduledSequence, SchedulerOutput
@@ -36,6 +38,8 @@ def test_heads_go_to_ranks_whole_grouped_by_kv_head():
     assert [p.vocab for p in plans] == [(0, 3), (3, 6), (6, 9), (9, 10)] and plans[0].vocab_per_rank == 3
     with pytest.raises(ValueError, match="cannot be split over 4 ranks"):
         shard_plan(9, 3, 64, 10, 0, 4)
+    with pytest.raises(ValueError, match="vocabulary of 5 cannot be split over 4 ranks"):  # the last share empty
+        shard_plan(8, 2, 64, 5, 0, 4)
 
 
 def test_each_tensor_is_sliced_by_what_it_is_split_by():
@@ -145,6 +149,35 @@ def test_a_killed_worker_ends_the_engine_with_an_error(tiny_model_dir):
         llm.generate(PROMPTS[:1], GREEDY, use_tqdm=False)
     llm.shutdown()
     assert not worker.is_alive()
+
+
+def test_prompt_logprobs_an_idle_gap_and_an_interrupt(tiny_model_dir, monkeypatch):
+    monkeypatch.setattr(workers, "COLLECTIVE_TIMEOUT_S", 3.0)  # a step's collectives; the workers get it too
+    options = dict(dtype="float32", num_kv_blocks=64)
+    with_logprobs = SamplingParams(max_tokens=4, temperature=0.0, prompt_logprobs=2, logprobs=1)
+    want = LLM(tiny_model_dir, **options).generate(PROMPTS, with_logprobs, use_tqdm=False)
+    llm = LLM(tiny_model_dir, tensor_parallel_size=2, **options)
+    got = llm.generate(PROMPTS, with_logprobs, use_tqdm=False)  # rank 1 lends its logits' share, computes none
+    for a, b in zip(got, want):  # the same tokens listed; values to float32 summation order (the all-reduces)
+        assert len(a.prompt_logprobs) == len(b.prompt_logprobs) == len(a.prompt_token_ids)
+        for p, q in zip(a.prompt_logprobs[1:], b.prompt_logprobs[1:]):
+            assert p.keys() == q.keys() and all(abs(p[t].logprob - q[t].logprob) < 1e-4 for t in p)
+        assert a.outputs[0].token_ids == b.outputs[0].token_ids
+    time.sleep(5)  # idle longer than a step's timeout: the workers wait for commands without one
+    assert _tokens(llm.generate(PROMPTS[:1], GREEDY, use_tqdm=False)) == _tokens(
+        LLM(tiny_model_dir, **options).generate(PROMPTS[:1], GREEDY, use_tqdm=False))
+    local = llm.llm_engine.runner.runner
+
+    def interrupted(sched):
+        raise KeyboardInterrupt  # rank 0 stops after the step went out: rank 1 waits in its first all-reduce
+    monkeypatch.setattr(local, "execute", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        llm.generate(PROMPTS[:1], GREEDY, use_tqdm=False)
+    with pytest.raises(StepError, match="tensor-parallel group is broken .KeyboardInterrupt"):
+        llm.generate(PROMPTS[:1], GREEDY, use_tqdm=False)  # at once, not after a collective's timeout
+    procs = llm.llm_engine.runner.workers.processes
+    llm.shutdown()
+    assert not any(p.is_alive() for p in procs)
 
 
 def test_shutdown_reaps_the_workers(tiny_model_dir):

@@ -40,10 +40,6 @@ class AttentionMetadata:
         return len(self.seq_lens_list)
 
     @property
-    def max_query_len(self) -> int:
-        return max(self.query_lens_list, default=0)
-
-    @property
     def num_decode_tokens(self) -> int:
         return self.num_decodes
 

@@ -22,7 +22,7 @@ import triton.language as tl
 
 # Starting running max: finite, so a row that sees no key (a padded row, an empty split) gets
 # exp2(-inf - NEG_BIG) = 0 instead of NaN.
-NEG_BIG = -1.0e30
+NEG_BIG = tl.constexpr(-1.0e30)  # compiled kernels read only constexpr globals (the interpreter lets any through)
 
 
 @triton.jit

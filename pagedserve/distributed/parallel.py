@@ -61,6 +61,8 @@ def shard_plan(num_heads: int, num_kv_heads: int, intermediate_size: int, vocab_
                          f"{world_size} ranks: with fewer KV heads than ranks, the ranks must be a multiple "
                          f"of the KV heads and divide the query heads")
     per_rank = -(-vocab_size // world_size)
+    if (world_size - 1) * per_rank >= vocab_size:
+        raise ValueError(f"a vocabulary of {vocab_size} cannot be split over {world_size} ranks")
     return ShardPlan(rank, world_size, q, kv, _run(intermediate_size, world_size, rank),
                      (min(rank * per_rank, vocab_size), min((rank + 1) * per_rank, vocab_size)), per_rank,
                      vocab_size)

@@ -11,6 +11,8 @@ broken: the engine raises a clear error on every later step, and shutdown reaps 
 """
 from __future__ import annotations
 
+import dataclasses
+import datetime
 import logging
 import multiprocessing
 import os
@@ -26,8 +28,11 @@ from pagedserve.outputs import ScheduledSequence, SchedulerOutput
 
 log = logging.getLogger(__name__)
 
-# How long a collective (or the start-up rendezvous) may wait for the other ranks before failing.
+# How long a collective of a step (or the start-up rendezvous) may wait for the other ranks before failing.
 COLLECTIVE_TIMEOUT_S = 120.0
+# The commands travel in a gloo group of their own, whose wait has no practical bound: a worker waits there
+# between steps for as long as the engine is idle. A dead peer still fails it at once (its sockets close).
+CONTROL_TIMEOUT = datetime.timedelta(days=3650)
 STOP = "stop"
 
 
@@ -46,8 +51,9 @@ def backend_for(device: str) -> str:
 
 
 def rank_device(device: str, rank: int) -> str:
-    """Each rank's device: cuda:rank on GPUs (one GPU a rank), the CPU otherwise."""
-    return f"cuda:{rank}" if torch.device(device).type == "cuda" else device
+    """Each rank's device: one GPU a rank, counting from the configured one; the CPU otherwise."""
+    d = torch.device(device)
+    return f"cuda:{(d.index or 0) + rank}" if d.type == "cuda" else device
 
 
 def rank_threads(num_threads: int | None, world_size: int) -> int:
@@ -96,67 +102,83 @@ class StepDecoder:
         return out
 
 
-def _broadcast(obj: Any) -> Any:
+def join_group(backend: str, init_method: str, rank: int, world_size: int, timeout_s: float,
+               device: str) -> dist.ProcessGroup:
+    """Join the group (its collectives fail after timeout_s); returns the control group the commands use."""
+    from pagedserve.distributed.parallel import init_process_group
+    if torch.device(device).type == "cuda":
+        torch.cuda.set_device(torch.device(device))  # NCCL, Triton and graph capture use the current device
+    init_process_group(backend, init_method, rank, world_size, timeout_s)
+    return dist.new_group(backend="gloo", timeout=CONTROL_TIMEOUT)
+
+
+def _broadcast(obj: Any, control: dist.ProcessGroup) -> Any:
     box = [obj]
-    dist.broadcast_object_list(box, src=0)
+    dist.broadcast_object_list(box, src=0, group=control)
     return box[0]
 
 
-def worker_main(config_fields: dict, rank: int, world_size: int, init_method: str) -> None:
+def worker_main(config_fields: dict, rank: int, world_size: int, init_method: str, timeout_s: float) -> None:
     """A worker rank's process: join the group, load this rank's shard, then run what rank 0 broadcasts
     until it says stop (or the group fails, which ends the process)."""
     from pagedserve.config import EngineConfig
-    from pagedserve.distributed.parallel import init_process_group
     config = EngineConfig(**config_fields)
     torch.set_num_threads(rank_threads(config.num_threads, world_size))
-    init_process_group(backend_for(config.device), init_method, rank, world_size, COLLECTIVE_TIMEOUT_S)
+    device = rank_device(config.device, rank)
+    control = join_group(backend_for(config.device), init_method, rank, world_size, timeout_s, device)
     try:
-        runner = build_rank_runner(config, rank, world_size)
+        runner = build_rank_runner(config, rank, world_size, device)
         decoder = StepDecoder()
         while True:
-            name, args = _broadcast(None)
+            name, args = _broadcast(None, control)
             if name == STOP:
                 break
             if name == "execute":
                 runner.execute(decoder.decode(args[0]))
-            elif name == "kv_cache_bytes":
-                dist.gather_object(runner.kv_cache_bytes(), None, dst=0)
+            elif name in GATHERED:
+                dist.gather_object(getattr(runner, name)(*args), None, dst=0, group=control)
             else:
                 getattr(runner, name)(*args)
     finally:
         dist.destroy_process_group()
 
 
-def build_rank_runner(config, rank: int, world_size: int):
+# The runner calls whose results rank 0 gathers from every rank.
+GATHERED = ("kv_cache_bytes", "measure_kv_budget")
+
+
+def build_rank_runner(config, rank: int, world_size: int, device: str):
     """This rank's model shard and its ModelRunner (no KV cache yet: rank 0 sends the size)."""
     from pagedserve.engine import max_model_len_of
     from pagedserve.model.loader import load_model
     from pagedserve.runner import ModelRunner
-    loaded = load_model(config.model, dtype=config.dtype, device=rank_device(config.device, rank),
-                        tokenizer=config.tokenizer, quantization=config.quantization,
-                        tensor_parallel=(rank, world_size))
+    loaded = load_model(config.model, dtype=config.dtype, device=device, tokenizer=config.tokenizer,
+                        quantization=config.quantization, tensor_parallel=(rank, world_size))
     mc = loaded.config
     return ModelRunner(loaded.model, mc.num_hidden_layers, loaded.model.tp.plan.num_kv_heads, mc.head_dim,
-                       config.block_size, loaded.dtype, rank_device(config.device, rank), config.attention_backend,
-                       config.max_num_seqs, max_model_len_of(config, mc), config.enforce_eager)
+                       config.block_size, loaded.dtype, device, config.attention_backend, config.max_num_seqs,
+                       max_model_len_of(config, mc), config.enforce_eager)
 
 
 class Workers:
     """The spawned worker processes of ranks 1..N-1."""
 
-    def __init__(self, config, world_size: int, init_method: str) -> None:
-        import dataclasses
+    def __init__(self, config, world_size: int, init_method: str, timeout_s: float | None = None) -> None:
         ctx = multiprocessing.get_context("spawn")  # a fresh interpreter: no forked torch or OpenMP state
         fields = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
-        self.processes = [ctx.Process(target=worker_main, args=(fields, rank, world_size, init_method),
+        self.timeout_s = timeout_s = timeout_s or COLLECTIVE_TIMEOUT_S
+        self.processes = [ctx.Process(target=worker_main, args=(fields, rank, world_size, init_method, timeout_s),
                                       name=f"pagedserve-tp-rank{rank}", daemon=True)
                           for rank in range(1, world_size)]
         for p in self.processes:
             p.start()
 
-    def failure(self) -> str | None:
-        """Which worker has exited, if any."""
+    def failure(self, wait: float = 0.0) -> str | None:
+        """Which worker has exited, if any; wait: give a dying one this long to finish exiting (a collective
+        sees a peer's sockets close a moment before its process is gone)."""
         for rank, p in enumerate(self.processes, start=1):
+            if wait:
+                p.join(wait)
             if not p.is_alive():
                 return f"tensor-parallel rank {rank} exited with code {p.exitcode}"
         return None
@@ -174,17 +196,18 @@ class Workers:
                 p.join()
 
 
-def join_as_rank0(backend: str, init_method: str, world_size: int, workers: Workers) -> None:
+def join_as_rank0(backend: str, init_method: str, world_size: int, workers: Workers, device: str
+                  ) -> dist.ProcessGroup:
     """Rank 0 joins the group, watching the workers meanwhile: one that dies before it joins (a bad model
-    path, a script without a `__main__` guard under spawn) fails start-up at once, not at the timeout."""
-    from pagedserve.distributed.parallel import init_process_group
-    errors: list[BaseException] = []
+    path, a script without a `__main__` guard under spawn) fails start-up at once, not at the timeout.
+    Returns the control group."""
+    result: list = []
 
     def join() -> None:
         try:
-            init_process_group(backend, init_method, 0, world_size, COLLECTIVE_TIMEOUT_S)
+            result.append(join_group(backend, init_method, 0, world_size, workers.timeout_s, device))
         except BaseException as e:  # noqa: BLE001 - handed to the caller's thread
-            errors.append(e)
+            result.append(e)
     thread = threading.Thread(target=join, name="pagedserve-tp-join", daemon=True)
     thread.start()
     while thread.is_alive():
@@ -193,20 +216,22 @@ def join_as_rank0(backend: str, init_method: str, world_size: int, workers: Work
         if failure is not None and thread.is_alive():
             workers.reap(timeout=0)
             raise TensorParallelError(f"{failure} before joining the group (its error is printed above)")
-    if errors:
+    if isinstance(result[0], BaseException):
         workers.reap(timeout=0)
-        raise TensorParallelError(f"the tensor-parallel group did not form: {errors[0]}") from errors[0]
+        raise TensorParallelError(f"the tensor-parallel group did not form: {result[0]}") from result[0]
+    return result[0]
 
 
 class TensorParallelRunner:
     """Rank 0's runner: every call that runs the model is broadcast to the workers, then run here. Other
     attributes are the local ModelRunner's."""
 
-    def __init__(self, runner, workers: Workers) -> None:
-        self.runner, self.workers = runner, workers
+    def __init__(self, runner, workers: Workers, control: dist.ProcessGroup) -> None:
+        self.runner, self.workers, self.control = runner, workers, control
         self.encoder = StepEncoder()
-        self._state: dict[str, str | None] = {"broken": None}  # shared with the finalizer
-        self._finalizer = weakref.finalize(self, _shutdown, workers, self._state)
+        # shared with the finalizer: why the group broke (None: it works), whether a call is in flight
+        self._state: dict[str, Any] = {"broken": None, "in_call": False}
+        self._finalizer = weakref.finalize(self, _shutdown, workers, control, self._state)
 
     @property
     def broken(self) -> str | None:
@@ -216,15 +241,26 @@ class TensorParallelRunner:
     def __getattr__(self, name: str):
         return getattr(self.runner, name)
 
-    def _call(self, name: str, args: tuple, local_args: tuple | None = None):
+    def _call(self, name: str, args: tuple, local_args: tuple | None = None, gather: bool = False):
+        """Broadcast the call, run it here; with gather, every rank's result (rank 0's first)."""
         if self.broken is not None:
             raise TensorParallelError(f"the tensor-parallel group is broken ({self.broken}); restart the engine")
+        self._state["in_call"] = True
         try:
-            _broadcast((name, args))
-            return getattr(self.runner, name)(*(args if local_args is None else local_args))
-        except Exception as e:
-            self._state["broken"] = self.workers.failure() or f"{type(e).__name__}: {e}"
+            _broadcast((name, args), self.control)
+            result = getattr(self.runner, name)(*(args if local_args is None else local_args))
+            if gather:
+                results = [None] * (len(self.workers.processes) + 1)
+                dist.gather_object(result, results, dst=0, group=self.control)
+                return results
+            return result
+        except BaseException as e:  # Ctrl-C included: the other ranks may be inside a collective of this call
+            self._state["broken"] = self.workers.failure(wait=0.5) or f"{type(e).__name__}: {e}"
+            if not isinstance(e, Exception):
+                raise
             raise TensorParallelError(f"tensor-parallel step failed: {self.broken}") from e
+        finally:
+            self._state["in_call"] = False
 
     def execute(self, sched: SchedulerOutput):
         return self._call("execute", (self.encoder.encode(sched),), (sched,))
@@ -232,29 +268,29 @@ class TensorParallelRunner:
     def profile_run(self, num_tokens: int, num_seqs: int) -> None:
         self._call("profile_run", (num_tokens, num_seqs))
 
+    def measure_kv_budget(self, num_tokens: int, num_seqs: int, utilization: float) -> int:
+        """The smallest of the ranks' measured budgets: every rank holds the same blocks."""
+        return min(self._call("measure_kv_budget", (num_tokens, num_seqs, utilization), gather=True))
+
     def allocate_kv_caches(self, num_blocks: int, num_offload_blocks: int = 0, offload_dir: str | None = None) -> None:
         self._call("allocate_kv_caches", (num_blocks, num_offload_blocks, offload_dir))
 
     def kv_cache_bytes_per_rank(self) -> list[int]:
         """The bytes of K/V each rank holds, as each rank counts its own tensors."""
-        if self.broken is not None:
-            raise TensorParallelError(f"the tensor-parallel group is broken ({self.broken})")
-        _broadcast(("kv_cache_bytes", ()))
-        out: list[int] = [0] * (len(self.workers.processes) + 1)
-        dist.gather_object(self.runner.kv_cache_bytes(), out, dst=0)
-        return out
+        return self._call("kv_cache_bytes", (), gather=True)
 
     def shutdown(self) -> None:
         self._finalizer()
 
 
-def _shutdown(workers: Workers, state: dict) -> None:
-    """Tell the workers to stop (if the group still works), reap them, leave the group."""
-    if state["broken"] is None and workers.failure() is None:
+def _shutdown(workers: Workers, control: dist.ProcessGroup, state: dict) -> None:
+    """Tell the workers to stop if the group works and is idle (a call still in flight on another thread
+    would interleave with the message), reap them (terminating those that do not stop), leave the group."""
+    if state["broken"] is None and not state["in_call"] and workers.failure() is None:
         try:
-            _broadcast((STOP, ()))
+            _broadcast((STOP, ()), control)
         except Exception:  # noqa: BLE001 - a broken group: reaping below ends the workers anyway
             log.warning("could not tell the tensor-parallel workers to stop; terminating them")
-    workers.reap()
-    if dist.is_initialized():
+    workers.reap(timeout=10.0 if not state["in_call"] else 0.0)
+    if dist.is_initialized() and not state["in_call"]:
         dist.destroy_process_group()
