@@ -44,6 +44,9 @@ ENGINE_HELP = {
     "tensor_parallel_size": "ranks each holding 1/N of every layer (heads, MLP columns, vocabulary) and of the KV "
                             "cache, as processes on this host over torch.distributed (gloo on the CPU, NCCL on "
                             "CUDA, one GPU a rank); this process is rank 0 and samples",
+    "distributed_init_method": "where the tensor-parallel ranks meet: tcp://HOST:PORT (rank 0's host), or env:// "
+                               "for torch.distributed's MASTER_ADDR and MASTER_PORT; the other ranks are then "
+                               "started with `pagedserve worker --rank R` and the same options, on any host",
     "preemption_mode": f"how a request is preempted when the pool is full: {' | '.join(PREEMPTION_MODES)} (swap "
                        "parks its blocks in the second tier and loads them back; needs --kv-offload-memory)",
 }
@@ -57,6 +60,7 @@ ENGINE_UNSET = {
     "num_threads": "torch's choice",
     "kv_offload_memory": "no second tier",
     "kv_offload_dir": "in memory",
+    "distributed_init_method": "the other ranks are spawned on this host",
 }
 
 
@@ -174,6 +178,12 @@ def cmd_export_tokenizer(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_worker(args: argparse.Namespace) -> int:
+    from pagedserve.distributed.workers import run_worker
+    run_worker(engine_config(args), args.rank)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(prog="pagedserve", description="LLM inference and serving with a paged KV cache")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -197,6 +207,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_server_args(p)
     add_engine_args(p)
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("worker", help="a tensor-parallel rank of an engine started elsewhere with the same "
+                                      "engine options and --distributed-init-method")
+    p.add_argument("--rank", type=int, required=True, help="this process's rank, 1 .. tensor-parallel-size - 1")
+    add_engine_args(p)
+    p.set_defaults(func=cmd_worker)
 
     p = sub.add_parser("export-tokenizer", help="save the model's tokenizer and chat template as a HF folder",
                        description=cmd_export_tokenizer.__doc__)

@@ -51,6 +51,9 @@ class EngineConfig:
     kv_offload_dir: str | None = None  # the tier as a memory-mapped file in this folder instead of in memory
     preemption_mode: str = "recompute"  # recompute | swap (to the second tier)
     tensor_parallel_size: int = 1     # ranks each holding 1/N of every layer (distributed/); 1: one process
+    # Where the ranks meet ("tcp://host:port", or "env://" for MASTER_ADDR/MASTER_PORT): the other ranks are
+    # then started by `pagedserve worker`, on any host. None: this process spawns them on this host.
+    distributed_init_method: str | None = None
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -74,6 +77,8 @@ class EngineConfig:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization!r}")
         if self.preemption_mode not in PREEMPTION_MODES:
             raise ValueError(f"preemption_mode must be one of {PREEMPTION_MODES}, got {self.preemption_mode!r}")
+        if self.distributed_init_method is not None and self.tensor_parallel_size == 1:
+            raise ValueError("distributed_init_method is for tensor_parallel_size > 1")
         if self.tensor_parallel_size > 1 and self.quantization != "none":
             raise ValueError("quantization='gguf' runs on one process: it cannot be split over tensor_parallel_size > 1")
         if self.kv_offload_memory is None:

@@ -113,8 +113,8 @@ def _start_runner(config: EngineConfig, device: str):
     tp = config.tensor_parallel_size
     tp_workers = control = None
     if tp > 1:
-        init_method = f"tcp://127.0.0.1:{workers.free_port()}"
-        tp_workers = workers.Workers(config, tp, init_method)
+        init_method = config.distributed_init_method or f"tcp://127.0.0.1:{workers.free_port()}"
+        tp_workers = workers.Workers(config, tp, init_method, spawn=config.distributed_init_method is None)
         control = workers.join_as_rank0(workers.backend_for(config.device), init_method, tp, tp_workers, device)
     try:
         loaded = load_model(config.model, dtype=config.dtype, device=device, tokenizer=config.tokenizer,

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 
@@ -185,6 +187,25 @@ def test_shutdown_reaps_the_workers(tiny_model_dir):
     procs = llm.llm_engine.runner.workers.processes
     llm.shutdown()
     assert all(not p.is_alive() and p.exitcode == 0 for p in procs)  # told to stop, not killed
+
+
+def test_a_rank_started_on_its_own_with_pagedserve_worker(tiny_model_dir):
+    # What a second host runs: `pagedserve worker` meets the engine at the init method they both name.
+    init = f"tcp://127.0.0.1:{workers.free_port()}"
+    options = ["--model", tiny_model_dir, "--dtype", "float32", "--num-kv-blocks", "64",
+               "--tensor-parallel-size", "2", "--distributed-init-method", init]
+    worker = subprocess.Popen([sys.executable, "-m", "pagedserve.cli", "worker", "--rank", "1", *options])
+    try:
+        llm = LLM(tiny_model_dir, dtype="float32", num_kv_blocks=64, tensor_parallel_size=2,
+                  distributed_init_method=init)
+        assert llm.llm_engine.runner.workers.processes == []  # none spawned here
+        got = _tokens(llm.generate(PROMPTS, GREEDY, use_tqdm=False))
+        llm.shutdown()
+        assert worker.wait(timeout=60) == 0  # told to stop
+    finally:
+        worker.kill()
+    assert got == _tokens(LLM(tiny_model_dir, dtype="float32", num_kv_blocks=64).generate(PROMPTS, GREEDY,
+                                                                                        use_tqdm=False))
 
 
 def test_the_server_on_two_ranks(tiny_model_dir):

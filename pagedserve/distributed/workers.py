@@ -118,13 +118,13 @@ def _broadcast(obj: Any, control: dist.ProcessGroup) -> Any:
     return box[0]
 
 
-def worker_main(config_fields: dict, rank: int, world_size: int, init_method: str, timeout_s: float) -> None:
-    """A worker rank's process: join the group, load this rank's shard, then run what rank 0 broadcasts
-    until it says stop (or the group fails, which ends the process)."""
+def worker_main(config_fields: dict, rank: int, world_size: int, init_method: str, timeout_s: float,
+                device: str) -> None:
+    """A worker rank's process: join the group, load this rank's shard on `device`, then run what rank 0
+    broadcasts until it says stop (or the group fails, which ends the process)."""
     from pagedserve.config import EngineConfig
     config = EngineConfig(**config_fields)
     torch.set_num_threads(rank_threads(config.num_threads, world_size))
-    device = rank_device(config.device, rank)
     control = join_group(backend_for(config.device), init_method, rank, world_size, timeout_s, device)
     try:
         runner = build_rank_runner(config, rank, world_size, device)
@@ -161,15 +161,19 @@ def build_rank_runner(config, rank: int, world_size: int, device: str):
 
 
 class Workers:
-    """The spawned worker processes of ranks 1..N-1."""
+    """The worker processes of ranks 1..N-1: spawned here, or (spawn=False) started by `pagedserve worker`
+    elsewhere, which this process cannot watch: their failures show only as failed collectives."""
 
-    def __init__(self, config, world_size: int, init_method: str, timeout_s: float | None = None) -> None:
+    def __init__(self, config, world_size: int, init_method: str, timeout_s: float | None = None,
+                 spawn: bool = True) -> None:
         ctx = multiprocessing.get_context("spawn")  # a fresh interpreter: no forked torch or OpenMP state
         fields = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
+        self.world_size = world_size
         self.timeout_s = timeout_s = timeout_s or COLLECTIVE_TIMEOUT_S
-        self.processes = [ctx.Process(target=worker_main, args=(fields, rank, world_size, init_method, timeout_s),
+        self.processes = [ctx.Process(target=worker_main, args=(fields, rank, world_size, init_method, timeout_s,
+                                                                rank_device(config.device, rank)),
                                       name=f"pagedserve-tp-rank{rank}", daemon=True)
-                          for rank in range(1, world_size)]
+                          for rank in range(1, world_size)] if spawn else []
         for p in self.processes:
             p.start()
 
@@ -250,7 +254,7 @@ class TensorParallelRunner:
             _broadcast((name, args), self.control)
             result = getattr(self.runner, name)(*(args if local_args is None else local_args))
             if gather:
-                results = [None] * (len(self.workers.processes) + 1)
+                results = [None] * self.workers.world_size
                 dist.gather_object(result, results, dst=0, group=self.control)
                 return results
             return result
@@ -281,6 +285,18 @@ class TensorParallelRunner:
 
     def shutdown(self) -> None:
         self._finalizer()
+
+
+def run_worker(config, rank: int) -> None:
+    """`pagedserve worker`: rank `rank` of config.tensor_parallel_size, meeting rank 0 (the engine, started
+    with the same options) at config.distributed_init_method, on config.device as given."""
+    if config.distributed_init_method is None:
+        raise ValueError("a worker needs --distributed-init-method, the same as the engine's")
+    if not 0 < rank < config.tensor_parallel_size:
+        raise ValueError(f"--rank must be in [1, {config.tensor_parallel_size}): rank 0 is the engine")
+    fields = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
+    worker_main(fields, rank, config.tensor_parallel_size, config.distributed_init_method, COLLECTIVE_TIMEOUT_S,
+                config.device)
 
 
 def _shutdown(workers: Workers, control: dist.ProcessGroup, state: dict) -> None:
