@@ -128,6 +128,22 @@ def test_two_ranks_with_caching_preemption_and_parallel_samples(four_kv_heads, b
         two.shutdown()
 
 
+def test_two_ranks_swap_to_the_tier_and_search_beams(four_kv_heads):
+    from pagedserve import BeamSearchParams
+    options = dict(dtype="float32", block_size=8, num_kv_blocks=12, max_num_batched_tokens=32,
+                   kv_offload_memory="8MiB", preemption_mode="swap")  # each rank keeps its heads' tier slots
+    prompts = PROMPTS + [{"prompt_token_ids": list(range(100, 130))}]
+    beams = BeamSearchParams(beam_width=3, max_tokens=8, ignore_eos=True)
+    runs = []
+    for tp in (1, 2):
+        llm = LLM(four_kv_heads, tensor_parallel_size=tp, **options)
+        runs.append((_tokens(llm.generate(prompts, GREEDY, use_tqdm=False)),
+                     [[s.tokens for s in r.sequences] for r in llm.beam_search(prompts[:2], beams)],
+                     llm.stats()["num_swapped_out"]))
+        llm.shutdown()
+    assert runs[1] == runs[0] and runs[0][2] > 0
+
+
 def test_a_killed_worker_ends_the_engine_with_an_error(tiny_model_dir):
     llm = LLM(tiny_model_dir, dtype="float32", num_kv_blocks=64, tensor_parallel_size=2)
     worker = llm.llm_engine.runner.workers.processes[0]
