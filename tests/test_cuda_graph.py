@@ -20,6 +20,7 @@ from pagedserve.engine import LLMEngine
 from pagedserve.kv_cache import sizing
 from pagedserve.model.cuda_graph import batch_sizes
 from pagedserve.runner import ModelRunner, kv_bytes_per_block
+from test_execution import _run
 
 needs_interpreter = pytest.mark.skipif(not interpreted(), reason="runs Triton's kernels on the CPU, interpreted")
 OPTIONS = dict(block_size=8, num_kv_blocks=96, attention_backend="triton", max_num_seqs=4)
@@ -50,14 +51,7 @@ def rerunning_capture(captured: list[int], guard: bool):
 
 
 def _generate(engine: LLMEngine, prompts: list[list[int]], max_tokens: list[int]) -> list[list[int]]:
-    for i, (p, n) in enumerate(zip(prompts, max_tokens)):
-        engine.add_request(str(i), {"prompt_token_ids": p}, SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True))
-    out = {str(i): [] for i in range(len(prompts))}
-    while engine.has_unfinished_requests():
-        for d in engine.step():
-            out[d.request_id] += d.outputs[0].token_ids
-        engine.check_invariants()
-    return [out[str(i)] for i in range(len(prompts))]
+    return _run(engine, prompts, [SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True) for n in max_tokens])
 
 
 PROMPTS = [[5, 9, 12, 40, 7], [3] * 19 + [8, 11], list(range(30, 63))]

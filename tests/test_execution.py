@@ -23,9 +23,11 @@ def _prompts(n: int, seed: int = 0) -> list[list[int]]:
     return [[rng.randrange(3, 320) for _ in range(rng.randrange(5, 60))] for _ in range(n)]
 
 
-def _run(engine: LLMEngine, prompts: list[list[int]]) -> list[list[int]]:
+def _run(engine: LLMEngine, prompts: list[list[int]], params: list[SamplingParams] | None = None
+         ) -> list[list[int]]:
+    """Each prompt's output tokens (greedy, or params[i]), checking the invariants after every step."""
     for i, p in enumerate(prompts):
-        engine.add_request(str(i), {"prompt_token_ids": p}, GREEDY)
+        engine.add_request(str(i), {"prompt_token_ids": p}, GREEDY if params is None else params[i])
     out = {str(i): [] for i in range(len(prompts))}
     while engine.has_unfinished_requests():
         for d in engine.step():
