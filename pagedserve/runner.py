@@ -23,7 +23,9 @@ PROMPT_LOGITS_ROWS = 256
 
 @dataclass
 class ModelOutput:
-    logits: torch.Tensor  # [num_sampled, V] float32: the last position of each sampled sequence, scheduler order
+    # [num_sampled, V] float32: the last position of each sampled sequence, scheduler order (None on the
+    # tensor-parallel ranks other than 0, which sample nothing)
+    logits: torch.Tensor | None
     # Per sequence that asked (ScheduledSequence.prompt_logprobs): one entry per prompt_targets token.
     prompt_logprobs: dict[str, list[TokenLogprobs]] = field(default_factory=dict)
 
