@@ -16,6 +16,7 @@ import datetime
 import logging
 import multiprocessing
 import os
+import signal
 import socket
 import threading
 import weakref
@@ -119,10 +120,13 @@ def _broadcast(obj: Any, control: dist.ProcessGroup) -> Any:
 
 
 def worker_main(config_fields: dict, rank: int, world_size: int, init_method: str, timeout_s: float,
-                device: str) -> None:
+                device: str, spawned: bool = True) -> None:
     """A worker rank's process: join the group, load this rank's shard on `device`, then run what rank 0
-    broadcasts until it says stop (or the group fails, which ends the process)."""
+    broadcasts until it says stop (or the group fails, which ends the process). A spawned worker ignores
+    Ctrl-C, which the terminal sends its whole process group: rank 0 handles it and stops the workers."""
     from pagedserve.config import EngineConfig
+    if spawned:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
     config = EngineConfig(**config_fields)
     torch.set_num_threads(rank_threads(config.num_threads, world_size))
     control = join_group(backend_for(config.device), init_method, rank, world_size, timeout_s, device)
@@ -296,7 +300,7 @@ def run_worker(config, rank: int) -> None:
         raise ValueError(f"--rank must be in [1, {config.tensor_parallel_size}): rank 0 is the engine")
     fields = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
     worker_main(fields, rank, config.tensor_parallel_size, config.distributed_init_method, COLLECTIVE_TIMEOUT_S,
-                config.device)
+                config.device, spawned=False)
 
 
 def _shutdown(workers: Workers, control: dist.ProcessGroup, state: dict) -> None:
