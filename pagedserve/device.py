@@ -6,6 +6,8 @@ is queued like a kernel, so the step's one sync is the sampled tokens coming bac
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 from typing import Sequence
 
 import torch
@@ -19,3 +21,14 @@ def to_device(values: Sequence | torch.Tensor, device: torch.device | str,
     if device.type == "cpu":
         return t
     return t.pin_memory().to(device, non_blocking=True)
+
+
+def on_device(method):
+    """Run a method of an object with a `device` on that device: CUDA's current device is per thread (the
+    server steps the engine on a thread of its own), and Triton, CUDA graphs and NCCL use the current one."""
+    @functools.wraps(method)
+    def run(self, *args, **kwargs):
+        ctx = torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext()
+        with ctx:
+            return method(self, *args, **kwargs)
+    return run

@@ -111,11 +111,15 @@ def _start_runner(config: EngineConfig, device: str):
     workers are spawned first (they load their shards while this process loads its own), and reaped if
     this process fails before the runner that owns them exists."""
     tp = config.tensor_parallel_size
-    tp_workers = control = None
+    tp_workers = groups = None
     if tp > 1:
+        if torch.distributed.is_initialized():
+            raise ValueError("this process already runs a tensor-parallel engine (or another torch.distributed "
+                             "group): shut it down first; one per process")
         init_method = config.distributed_init_method or f"tcp://127.0.0.1:{workers.free_port()}"
         tp_workers = workers.Workers(config, tp, init_method, spawn=config.distributed_init_method is None)
-        control = workers.join_as_rank0(workers.backend_for(config.device), init_method, tp, tp_workers, device)
+        groups = workers.join_as_rank0(workers.backend_for(config.device), init_method, tp, tp_workers, device,
+                                       dataclasses.asdict(config))
     try:
         loaded = load_model(config.model, dtype=config.dtype, device=device, tokenizer=config.tokenizer,
                             quantization=config.quantization, tensor_parallel=(0, tp) if tp > 1 else None)
@@ -130,7 +134,7 @@ def _start_runner(config: EngineConfig, device: str):
             torch.distributed.destroy_process_group()
         raise
     if tp_workers is not None:
-        runner = workers.TensorParallelRunner(runner, tp_workers, control)
+        runner = workers.TensorParallelRunner(runner, tp_workers, groups)
     return loaded, runner
 
 
@@ -143,6 +147,15 @@ class LLMEngine:
             torch.set_num_threads(workers.rank_threads(config.num_threads, tp))
         device = workers.rank_device(config.device, 0)
         loaded, self.runner = _start_runner(config, device)
+        try:
+            self._set_up(config, loaded, device)
+        except BaseException:
+            self.shutdown()  # the tensor-parallel workers, at once: not when the half-built engine is collected
+            raise
+
+    def _set_up(self, config: EngineConfig, loaded, device: str) -> None:
+        """Everything after the model and its runner: the KV cache's size and the pool, the scheduler."""
+        tp = config.tensor_parallel_size
         self.loaded = loaded
         self.tokenizer = loaded.tokenizer
         self.model_config = mc = loaded.config
@@ -171,7 +184,7 @@ class LLMEngine:
         # Logprobs name each listed token by its text: decoded once per token id (a long prompt's
         # prompt_logprobs would otherwise decode 21 tokens per position on this thread).
         self._token_text = functools.lru_cache(maxsize=1 << 17)(lambda tid: self.tokenizer.decode([tid]))
-        self.generator = torch.Generator(device=config.device).manual_seed(config.seed)
+        self.generator = torch.Generator(device=device).manual_seed(config.seed)
         self.groups: dict[str, _Group] = {}
         self._seq_owner: dict[str, tuple[_Group, _Sample]] = {}
         self._ids = itertools.count()

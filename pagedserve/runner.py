@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import torch
 
 from pagedserve.attention import MetadataBuilder, copy_blocks, select_backend
-from pagedserve.device import to_device
+from pagedserve.device import on_device, to_device
 from pagedserve.kv_cache import sizing
 from pagedserve.kv_cache.offload import load_blocks, offload_blocks, tier_storage
 from pagedserve.model import cuda_graph, decode_graph
@@ -56,6 +56,7 @@ class ModelRunner:
         self.decode_graph: decode_graph.DecodeGraph | None = None
         self.cuda_graphs: cuda_graph.CudaGraphs | None = None
 
+    @on_device
     def allocate_kv_caches(self, num_blocks: int, num_offload_blocks: int = 0, offload_dir: str | None = None) -> None:
         """The KV cache of num_blocks blocks (and the offload tier's slots), then what reads it in place: the
         CPU decode graph, or on CUDA the captured decode graphs."""
@@ -79,6 +80,7 @@ class ModelRunner:
         elif self.device.type == "cuda" and self.backend.name == "triton":
             self.capture_cuda_graphs(cuda_graph.cuda_capture(torch.cuda.graph_pool_handle()))
 
+    @on_device
     def capture_cuda_graphs(self, capture: cuda_graph.Capture) -> None:
         """Capture the decode graphs of every batch size with `capture` (cuda_graph.py: on CUDA a real
         capture; the tests pass one that replays by running again, on the CPU)."""
@@ -93,14 +95,21 @@ class ModelRunner:
         """Bytes of this runner's K and V tensors (the pool's blocks and the null block)."""
         return sum(t.numel() * t.element_size() for pair in self.kv_caches for t in pair)
 
+    @on_device
     @torch.inference_mode()
     def profile_run(self, num_tokens: int, num_seqs: int) -> None:
-        """The largest step the scheduler may send, on dummy tokens, KV cache or not: num_tokens split over
-        num_seqs prefill sequences (more where one would pass the window), then the logits of num_seqs rows.
-        What it allocates at its peak is what a real step may need beyond the weights and the KV cache."""
+        """The largest steps the scheduler may send, on dummy tokens, without the KV cache: num_tokens over
+        num_seqs prefill sequences (more where one would pass the window) with the logits of num_seqs rows,
+        then one sequence as long as a step and the window allow (attention's temporaries grow with a
+        chunk's length). What they allocate at their peak is what a step may need beyond the weights and
+        the KV cache."""
         num_rows = max(1, min(num_seqs, num_tokens))
         num_seqs = max(num_rows, -(-num_tokens // self.max_model_len))  # none longer than the window
-        lens = sorted(num_tokens // num_seqs + (i < num_tokens % num_seqs) for i in range(num_seqs))  # 1s first
+        self._profile_forward(sorted(num_tokens // num_seqs + (i < num_tokens % num_seqs)  # 1s first
+                                     for i in range(num_seqs)), num_rows)
+        self._profile_forward([min(num_tokens, self.max_model_len)], 1)
+
+    def _profile_forward(self, lens: list[int], num_rows: int) -> None:
         width = -(-max(lens) // self.block_size)
         # A scratch cache of one sequence's blocks that every sequence shares: attention's working memory
         # without the pool (what it writes there is thrown away).
@@ -108,13 +117,14 @@ class ModelRunner:
         scratch = [(torch.zeros(shape, dtype=self.dtype, device=self.device),
                     torch.zeros(shape, dtype=self.dtype, device=self.device)) for _ in range(self.num_layers)]
         builder = MetadataBuilder(self.block_size, width, self.device)
-        positions, meta = builder.build([list(range(width))] * num_seqs, lens, [0] * num_seqs, self.backend)
-        ids = torch.zeros(num_tokens, dtype=torch.int64, device=self.device)
+        positions, meta = builder.build([list(range(width))] * len(lens), lens, [0] * len(lens), self.backend)
+        ids = torch.zeros(sum(lens), dtype=torch.int64, device=self.device)
         hidden = self.model(ids, positions, scratch, meta)
         logits = self.model.compute_logits(hidden[:num_rows])
         if logits is not None:  # the sampler's largest temporary: top-p sorts each row's probabilities
             torch.softmax(logits, dim=-1).sort(dim=-1, descending=True)
 
+    @on_device
     def measure_kv_budget(self, num_tokens: int, num_seqs: int, utilization: float) -> int:
         """Bytes this device's KV cache may take (kv_cache/sizing.py), measured around profile_run."""
         probe = sizing.memory_probe(self.device)
@@ -122,6 +132,7 @@ class ModelRunner:
             raise ValueError(f"the memory of {self.device} is not measured: give kv_cache_memory or num_kv_blocks")
         return sizing.profile_kv_cache_bytes(probe, lambda: self.profile_run(num_tokens, num_seqs), utilization)
 
+    @on_device
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> ModelOutput:
         """Run one step; returns float32 logits [num_sampled, vocab] for the sequences with sample=True, in

@@ -193,9 +193,18 @@ def test_prompt_logprobs_an_idle_gap_and_an_interrupt(tiny_model_dir, monkeypatc
         llm.generate(PROMPTS[:1], GREEDY, use_tqdm=False)
     with pytest.raises(StepError, match="tensor-parallel group is broken .KeyboardInterrupt"):
         llm.generate(PROMPTS[:1], GREEDY, use_tqdm=False)  # at once, not after a collective's timeout
-    procs = llm.llm_engine.runner.workers.processes
+    assert llm.llm_engine.runner.broken == "KeyboardInterrupt: "
     llm.shutdown()
-    assert not any(p.is_alive() for p in procs)
+
+
+def test_a_failure_after_the_workers_started_stops_them_at_once(tiny_model_dir):
+    with pytest.raises(ValueError, match="holds no block"):  # the KV budget, after the shards loaded
+        LLM(tiny_model_dir, dtype="float32", kv_cache_memory=1, tensor_parallel_size=2)
+    llm = LLM(tiny_model_dir, dtype="float32", num_kv_blocks=64, tensor_parallel_size=2)  # the group was left
+    with pytest.raises(ValueError, match="already runs a tensor-parallel engine"):
+        LLM(tiny_model_dir, dtype="float32", num_kv_blocks=64, tensor_parallel_size=2)
+    assert _tokens(llm.generate(PROMPTS[:1], GREEDY, use_tqdm=False))  # the first is unharmed
+    llm.shutdown()
 
 
 def test_shutdown_reaps_the_workers(tiny_model_dir):

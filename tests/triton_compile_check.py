@@ -59,6 +59,17 @@ def main() -> int:
                                                stride_oh=i32),
                           dict(NUM_HEADS=32, NUM_SPLITS=8, SPLITS_P=8, HEAD_DIM=128, HEAD_DIM_P=128),
                           f"merge_splits {dt}")
+    # Head dims that are no power of two (padded to 128 inside the kernels, masked).
+    p, i32 = "*bf16", "i32"
+    attn = dict(k_cache_ptr=p, v_cache_ptr=p, tables_ptr="*i64", seq_lens_ptr="*i64", scale_log2="fp32",
+                stride_qt=i32, stride_qh=i32, stride_tab=i32, stride_cb=i32, stride_co=i32, stride_ch=i32)
+    ok &= compile_one(K.varlen_attention, dict(attn, out_ptr=p, q_ptr=p, qsl_ptr="*i64", first_seq=i32, end_seq=i32,
+                                               stride_ot=i32, stride_oh=i32),
+                      dict(G=4, BLOCK_Q=4, BLOCK_M=16, BLOCK_SIZE=16, TILE_N=64, HEAD_DIM=80, HEAD_DIM_P=128,
+                           DOT_PRECISION="tf32", DOT_F32=False), "varlen_attention bf16 head_dim 80")
+    ok &= compile_one(K.decode_split, dict(attn, part_acc_ptr="*fp32", part_ml_ptr="*fp32", q_ptr=p),
+                      dict(NUM_HEADS=32, NUM_SPLITS=4, G=4, BLOCK_M=16, BLOCK_SIZE=32, TILE_N=64, HEAD_DIM=96,
+                           HEAD_DIM_P=128, DOT_PRECISION="tf32", DOT_F32=False), "decode_split bf16 head_dim 96")
     return 0 if ok else 1
 
 

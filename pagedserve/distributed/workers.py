@@ -19,7 +19,9 @@ import os
 import signal
 import socket
 import threading
+import time
 import weakref
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -103,20 +105,56 @@ class StepDecoder:
         return out
 
 
+@dataclass(frozen=True)
+class RankGroups:
+    """The gloo groups besides the model's: `control` carries the commands (a worker waits there between steps
+    for as long as the engine is idle: no practical timeout), `results` the gathered results of a call
+    (a step's timeout, so a rank that failed mid-call cannot leave another waiting for ever)."""
+    control: dist.ProcessGroup
+    results: dist.ProcessGroup
+
+
 def join_group(backend: str, init_method: str, rank: int, world_size: int, timeout_s: float,
-               device: str) -> dist.ProcessGroup:
-    """Join the group (its collectives fail after timeout_s); returns the control group the commands use."""
+               device: str) -> RankGroups:
+    """Join the group (its collectives fail after timeout_s) and form the command and result groups."""
     from pagedserve.distributed.parallel import init_process_group
     if torch.device(device).type == "cuda":
         torch.cuda.set_device(torch.device(device))  # NCCL, Triton and graph capture use the current device
     init_process_group(backend, init_method, rank, world_size, timeout_s)
-    return dist.new_group(backend="gloo", timeout=CONTROL_TIMEOUT)
+    bounded = datetime.timedelta(seconds=timeout_s)
+    # Formed with a bounded timeout (a peer lost while the groups form fails the start), then unbounded.
+    control = dist.new_group(backend="gloo", timeout=bounded)
+    set_timeout = getattr(dist.distributed_c10d, "_set_pg_timeout", None)
+    if set_timeout is not None:
+        set_timeout(CONTROL_TIMEOUT, control)
+    else:  # an older torch: the only way is at creation
+        control = dist.new_group(backend="gloo", timeout=CONTROL_TIMEOUT)
+    return RankGroups(control, dist.new_group(backend="gloo", timeout=bounded))
 
 
 def _broadcast(obj: Any, control: dist.ProcessGroup) -> Any:
     box = [obj]
     dist.broadcast_object_list(box, src=0, group=control)
     return box[0]
+
+
+@dataclass
+class RankFailure:
+    """What a rank sends back instead of its result when its part of a gathered call raised."""
+    rank: int
+    error: BaseException
+
+
+# Options a rank started on its own may set differently from rank 0's (its device is its own host's).
+OWN_OPTIONS = ("device", "distributed_init_method", "num_threads")
+
+
+def check_same_options(mine: dict, rank0: dict) -> None:
+    """A rank started with `pagedserve worker` must run the engine rank 0 runs."""
+    differ = sorted(k for k in rank0 if k not in OWN_OPTIONS and mine.get(k) != rank0[k])
+    if differ:
+        raise ValueError("this worker's engine options differ from rank 0's: "
+                         + ", ".join(f"{k}={mine.get(k)!r} (rank 0: {rank0[k]!r})" for k in differ))
 
 
 def worker_main(config_fields: dict, rank: int, world_size: int, init_method: str, timeout_s: float,
@@ -129,18 +167,23 @@ def worker_main(config_fields: dict, rank: int, world_size: int, init_method: st
         signal.signal(signal.SIGINT, signal.SIG_IGN)
     config = EngineConfig(**config_fields)
     torch.set_num_threads(rank_threads(config.num_threads, world_size))
-    control = join_group(backend_for(config.device), init_method, rank, world_size, timeout_s, device)
+    groups = join_group(backend_for(config.device), init_method, rank, world_size, timeout_s, device)
     try:
+        check_same_options(config_fields, _broadcast(None, groups.control))
         runner = build_rank_runner(config, rank, world_size, device)
         decoder = StepDecoder()
         while True:
-            name, args = _broadcast(None, control)
+            name, args = _broadcast(None, groups.control)
             if name == STOP:
                 break
             if name == "execute":
                 runner.execute(decoder.decode(args[0]))
             elif name in GATHERED:
-                dist.gather_object(getattr(runner, name)(*args), None, dst=0, group=control)
+                try:
+                    value = getattr(runner, name)(*args)
+                except Exception as e:  # noqa: BLE001 - rank 0 raises it; this rank stays in step
+                    value = RankFailure(rank, e)
+                dist.gather_object(value, None, dst=0, group=groups.results)
             else:
                 getattr(runner, name)(*args)
     finally:
@@ -182,11 +225,11 @@ class Workers:
             p.start()
 
     def failure(self, wait: float = 0.0) -> str | None:
-        """Which worker has exited, if any; wait: give a dying one this long to finish exiting (a collective
-        sees a peer's sockets close a moment before its process is gone)."""
+        """Which worker has exited, if any; wait: give a dying one up to this long in all to finish exiting
+        (a collective sees a peer's sockets close a moment before its process is gone)."""
+        deadline = time.monotonic() + wait
         for rank, p in enumerate(self.processes, start=1):
-            if wait:
-                p.join(wait)
+            p.join(max(0.0, deadline - time.monotonic()))
             if not p.is_alive():
                 return f"tensor-parallel rank {rank} exited with code {p.exitcode}"
         return None
@@ -204,42 +247,52 @@ class Workers:
                 p.join()
 
 
-def join_as_rank0(backend: str, init_method: str, world_size: int, workers: Workers, device: str
-                  ) -> dist.ProcessGroup:
+def join_as_rank0(backend: str, init_method: str, world_size: int, workers: Workers, device: str,
+                  options: dict) -> RankGroups:
     """Rank 0 joins the group, watching the workers meanwhile: one that dies before it joins (a bad model
-    path, a script without a `__main__` guard under spawn) fails start-up at once, not at the timeout.
-    Returns the control group."""
+    path, a script without a `__main__` guard under spawn) fails start-up at once, not at the timeout; so
+    does Ctrl-C. Then it sends its options, which a worker started on its own checks against its own."""
     result: list = []
+    abandoned = threading.Event()
 
     def join() -> None:
         try:
             result.append(join_group(backend, init_method, 0, world_size, workers.timeout_s, device))
         except BaseException as e:  # noqa: BLE001 - handed to the caller's thread
             result.append(e)
+        if (abandoned.is_set() or isinstance(result[0], BaseException)) and dist.is_initialized():
+            dist.destroy_process_group()  # the start failed meanwhile: leave the group to a later engine
     thread = threading.Thread(target=join, name="pagedserve-tp-join", daemon=True)
     thread.start()
-    while thread.is_alive():
-        thread.join(0.1)
-        failure = workers.failure()
-        if failure is not None and thread.is_alive():
-            workers.reap(timeout=0)
-            raise TensorParallelError(f"{failure} before joining the group (its error is printed above)")
-    if isinstance(result[0], BaseException):
+    try:
+        while thread.is_alive():
+            thread.join(0.1)
+            failure = workers.failure()
+            if failure is not None and thread.is_alive():
+                raise TensorParallelError(f"{failure} before joining the group (its error is printed above)")
+        if isinstance(result[0], BaseException):
+            raise TensorParallelError(f"the tensor-parallel group did not form: {result[0]}") from result[0]
+        groups = result[0]
+        _broadcast(options, groups.control)
+        return groups
+    except BaseException:
+        abandoned.set()
         workers.reap(timeout=0)
-        raise TensorParallelError(f"the tensor-parallel group did not form: {result[0]}") from result[0]
-    return result[0]
+        if not thread.is_alive() and dist.is_initialized():
+            dist.destroy_process_group()
+        raise
 
 
 class TensorParallelRunner:
     """Rank 0's runner: every call that runs the model is broadcast to the workers, then run here. Other
     attributes are the local ModelRunner's."""
 
-    def __init__(self, runner, workers: Workers, control: dist.ProcessGroup) -> None:
-        self.runner, self.workers, self.control = runner, workers, control
+    def __init__(self, runner, workers: Workers, groups: RankGroups) -> None:
+        self.runner, self.workers, self.groups = runner, workers, groups
         self.encoder = StepEncoder()
         # shared with the finalizer: why the group broke (None: it works), whether a call is in flight
         self._state: dict[str, Any] = {"broken": None, "in_call": False}
-        self._finalizer = weakref.finalize(self, _shutdown, workers, control, self._state)
+        self._finalizer = weakref.finalize(self, _shutdown, workers, groups.control, self._state)
 
     @property
     def broken(self) -> str | None:
@@ -250,18 +303,22 @@ class TensorParallelRunner:
         return getattr(self.runner, name)
 
     def _call(self, name: str, args: tuple, local_args: tuple | None = None, gather: bool = False):
-        """Broadcast the call, run it here; with gather, every rank's result (rank 0's first)."""
+        """Broadcast the call, run it here; with gather, every rank's result (rank 0's first). A gathered
+        call that raised on some rank, the others having finished it, raises that error and leaves the
+        group working; anything else that raises leaves it broken."""
         if self.broken is not None:
             raise TensorParallelError(f"the tensor-parallel group is broken ({self.broken}); restart the engine")
         self._state["in_call"] = True
         try:
-            _broadcast((name, args), self.control)
-            result = getattr(self.runner, name)(*(args if local_args is None else local_args))
-            if gather:
-                results = [None] * self.workers.world_size
-                dist.gather_object(result, results, dst=0, group=self.control)
-                return results
-            return result
+            _broadcast((name, args), self.groups.control)
+            if not gather:
+                return getattr(self.runner, name)(*(args if local_args is None else local_args))
+            try:
+                mine = getattr(self.runner, name)(*args)
+            except Exception as e:  # noqa: BLE001 - still gathered, so the workers do not wait for it
+                mine = RankFailure(0, e)
+            results = [None] * self.workers.world_size
+            dist.gather_object(mine, results, dst=0, group=self.groups.results)
         except BaseException as e:  # Ctrl-C included: the other ranks may be inside a collective of this call
             self._state["broken"] = self.workers.failure(wait=0.5) or f"{type(e).__name__}: {e}"
             if not isinstance(e, Exception):
@@ -269,6 +326,10 @@ class TensorParallelRunner:
             raise TensorParallelError(f"tensor-parallel step failed: {self.broken}") from e
         finally:
             self._state["in_call"] = False
+        for r in results:
+            if isinstance(r, RankFailure):
+                raise r.error
+        return results
 
     def execute(self, sched: SchedulerOutput):
         return self._call("execute", (self.encoder.encode(sched),), (sched,))
