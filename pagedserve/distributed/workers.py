@@ -145,8 +145,8 @@ class RankFailure:
     error: BaseException
 
 
-# Options a rank started on its own may set differently from rank 0's (its device is its own host's).
-OWN_OPTIONS = ("device", "distributed_init_method", "num_threads")
+# Options a rank started on its own may set differently from rank 0's (its host's device, cores and disk).
+OWN_OPTIONS = ("device", "distributed_init_method", "num_threads", "kv_offload_dir")
 
 
 def check_same_options(mine: dict, rank0: dict) -> None:
