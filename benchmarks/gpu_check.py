@@ -860,13 +860,9 @@ def load_hf_model(folder: str, device: str):
 
 
 def left_pad(prompts: list[list[int]], pad_id: int, device: str):
-    import torch
-    width = max(map(len, prompts))
-    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for i, p in enumerate(prompts):
-        ids[i, width - len(p):] = torch.tensor(p)
-        mask[i, width - len(p):] = 1
+    """The throughput benchmark's left padding (pagedserve/bench/hf_baseline.py), on the device."""
+    from pagedserve.bench.hf_baseline import left_pad as left_pad_cpu
+    ids, mask = left_pad_cpu(prompts, pad_id)
     return ids.to(device), mask.to(device)
 
 
