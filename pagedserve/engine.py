@@ -22,7 +22,7 @@ import torch
 from pagedserve.config import EngineConfig
 from pagedserve.device import to_device
 from pagedserve.distributed import workers
-from pagedserve.distributed.parallel import shard_plan
+from pagedserve.distributed.parallel import model_shard_plan
 from pagedserve.kv_cache import KVCacheManager, sizing
 from pagedserve.model.loader import load_model
 from pagedserve.outputs import CompletionOutput, Logprob, RequestOutput, SchedulerOutput
@@ -169,8 +169,7 @@ class LLMEngine:
         measured = None if sizing.memory_probe(device) is None else functools.partial(
             self.runner.measure_kv_budget, profile_tokens, config.max_num_seqs, config.gpu_memory_utilization)
         # Every rank holds the same blocks; a block's bytes on the rank with the most KV heads bound them.
-        kv_heads = max(shard_plan(mc.num_attention_heads, mc.num_key_value_heads, mc.intermediate_size,
-                                  mc.vocab_size, r, tp).num_kv_heads for r in range(tp))
+        kv_heads = max(model_shard_plan(mc, r, tp).num_kv_heads for r in range(tp))
         per_block = kv_bytes_per_block(mc.num_hidden_layers, kv_heads, mc.head_dim, config.block_size, loaded.dtype)
         num_blocks, num_offload_blocks = sizing.num_blocks(config, per_block, measured)
         self.runner.allocate_kv_caches(num_blocks, num_offload_blocks, config.kv_offload_dir)

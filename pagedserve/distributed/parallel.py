@@ -68,6 +68,12 @@ def shard_plan(num_heads: int, num_kv_heads: int, intermediate_size: int, vocab_
                      vocab_size)
 
 
+def model_shard_plan(cfg, rank: int, world_size: int) -> ShardPlan:
+    """shard_plan of a model's config (model/config.py's ModelConfig)."""
+    return shard_plan(cfg.num_attention_heads, cfg.num_key_value_heads, cfg.intermediate_size, cfg.vocab_size,
+                      rank, world_size)
+
+
 # HF parameter name (within a layer, without the layer prefix) -> (the dimension split, what it is split by)
 _SPLIT = {
     "self_attn.q_proj": (0, "q"), "self_attn.k_proj": (0, "kv"), "self_attn.v_proj": (0, "kv"),

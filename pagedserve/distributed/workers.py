@@ -214,7 +214,7 @@ class Workers:
     def __init__(self, config, world_size: int, init_method: str, timeout_s: float | None = None,
                  spawn: bool = True) -> None:
         ctx = multiprocessing.get_context("spawn")  # a fresh interpreter: no forked torch or OpenMP state
-        fields = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
+        fields = dataclasses.asdict(config)
         self.world_size = world_size
         self.timeout_s = timeout_s = timeout_s or COLLECTIVE_TIMEOUT_S
         self.processes = [ctx.Process(target=worker_main, args=(fields, rank, world_size, init_method, timeout_s,
@@ -359,7 +359,7 @@ def run_worker(config, rank: int) -> None:
         raise ValueError("a worker needs --distributed-init-method, the same as the engine's")
     if not 0 < rank < config.tensor_parallel_size:
         raise ValueError(f"--rank must be in [1, {config.tensor_parallel_size}): rank 0 is the engine")
-    fields = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
+    fields = dataclasses.asdict(config)
     worker_main(fields, rank, config.tensor_parallel_size, config.distributed_init_method, COLLECTIVE_TIMEOUT_S,
                 config.device, spawned=False)
 

@@ -16,7 +16,7 @@ from typing import Any, Callable, Iterator
 import torch
 
 from pagedserve.config import QUANTIZATIONS
-from pagedserve.distributed.parallel import TPGroup, shard_plan, weight_slice
+from pagedserve.distributed.parallel import TPGroup, model_shard_plan, weight_slice
 from pagedserve.model import generation_defaults, ggml_linear, gguf_file
 from pagedserve.model.config import SUPPORTED_ARCHITECTURES, ModelConfig
 from pagedserve.model.llama import LlamaForCausalLM
@@ -116,11 +116,7 @@ def load_model(model: str | None = None, dtype: str | torch.dtype = "auto", devi
         cfg = gguf_file.config_from_gguf(f)
     else:
         cfg = read_hf_config(path)
-    tp = None
-    if tensor_parallel is not None:
-        plan = shard_plan(cfg.num_attention_heads, cfg.num_key_value_heads, cfg.intermediate_size, cfg.vocab_size,
-                          *tensor_parallel)
-        tp = TPGroup(plan)
+    tp = None if tensor_parallel is None else TPGroup(model_shard_plan(cfg, *tensor_parallel))
     select = None if tp is None else functools.partial(weight_slice, tp.plan, head_dim=cfg.head_dim)
     if kind == "gguf":
         weights = gguf_file.iter_gguf_weights(f, cfg, run_dtype, device, keep_quantized=quantization == "gguf",
