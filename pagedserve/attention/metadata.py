@@ -1,9 +1,9 @@
 """AttentionMetadata: how one flat, unpadded token batch maps onto the paged KV cache.
 
 The runner builds it once per step (MetadataBuilder, vectorised on the CPU, then sent to the device
-without a sync); every attention layer reads it. Sequences are laid out in the order their backend asked for (both CPU
-backends: decodes, query_len == 1, first), so `num_decodes` sequences own the first `num_decodes`
-tokens. Block-table rows are padded with a reserved null block, never a real one.
+without a sync); every attention layer reads it. Sequences are laid out in the order their backend asked
+for (both CPU backends: decodes, query_len == 1, first), so `num_decodes` sequences own the first
+`num_decodes` tokens. Block-table rows are padded with a reserved null block, never a real one.
 """
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Sequence
 import torch
 
 from pagedserve.device import to_device
+
 if TYPE_CHECKING:
     from pagedserve.attention.backend import AttentionBackend
 

@@ -70,7 +70,7 @@ class TritonBackend(AttentionBackend):
 
     def forward(self, q, k, v, k_cache, v_cache, meta, scale):
         kern = _kernels()
-        n, bs, hkv, d = k_cache.shape
+        _, bs, hkv, d = k_cache.shape
         if not (k_cache.is_contiguous() and v_cache.is_contiguous()):
             raise ValueError("the triton backend needs contiguous KV caches")
         if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:

@@ -24,6 +24,7 @@ from typing import Sequence
 
 import torch
 
+from pagedserve.device import to_device
 from pagedserve.kv_cache.block_pool import InvariantError
 
 
@@ -188,7 +189,7 @@ def offload_blocks(kv_caches: list[tuple[torch.Tensor, torch.Tensor]], tier: tor
     """Copy pool blocks into tier slots: pairs of (block id, slot)."""
     if not pairs:
         return
-    blocks = torch.tensor([p[0] for p in pairs], dtype=torch.int64, device=kv_caches[0][0].device)
+    blocks = to_device([p[0] for p in pairs], kv_caches[0][0].device)
     slots = torch.tensor([p[1] for p in pairs], dtype=torch.int64)
     for layer, (k_cache, v_cache) in enumerate(kv_caches):
         tier[slots, layer, 0] = k_cache.index_select(0, blocks).to(tier.device)
@@ -202,7 +203,7 @@ def load_blocks(kv_caches: list[tuple[torch.Tensor, torch.Tensor]], tier: torch.
         return
     slots = torch.tensor([p[0] for p in pairs], dtype=torch.int64)
     device = kv_caches[0][0].device
-    blocks = torch.tensor([p[1] for p in pairs], dtype=torch.int64, device=device)
+    blocks = to_device([p[1] for p in pairs], device)
     for layer, (k_cache, v_cache) in enumerate(kv_caches):
         k_cache.index_copy_(0, blocks, tier[slots, layer, 0].to(device))
         v_cache.index_copy_(0, blocks, tier[slots, layer, 1].to(device))
