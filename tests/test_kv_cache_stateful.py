@@ -14,18 +14,63 @@ from pagedserve.request import Request
 from pagedserve.sampling_params import SamplingParams
 
 PREFIXES = [list(range(100, 124)), list(range(200, 213)), []]
+# A new request's tokens: one of PREFIXES (shared prefixes make prefix-cache hits) and a random suffix.
+NEW_TOKENS = dict(prefix=st.sampled_from(PREFIXES), suffix=st.lists(st.integers(0, 5), max_size=9),
+                  salt=st.sampled_from([None, None, "t2"]))
 
 
-class KVCacheMachine(RuleBasedStateMachine):
+def new_request(rid: str, tokens, salt: str | None = None) -> Request:
+    return Request(rid, list(tokens) or [7], SamplingParams(max_tokens=8), cache_salt=salt)
+
+
+class RequestMachine(RuleBasedStateMachine):
+    """The bookkeeping every cache machine shares, over the manager `self.m` its subclass makes: running and
+    waiting requests, new ones (add), parallel samples (fork), preempting the newest."""
+
+    def __init__(self):
+        super().__init__()
+        self.running: dict[str, Request] = {}
+        self.waiting: dict[str, Request] = {}
+        self.next_id = 0
+
+    def _new_id(self) -> str:
+        self.next_id += 1
+        return f"r{self.next_id - 1}"
+
+    def _preempt_newest(self, swap: bool = False) -> None:
+        """Preempt the newest running request: by swap to the tier where asked and possible, else recompute."""
+        rid = list(self.running)[-1]
+        r = self.running.pop(rid)
+        if not (swap and self.m.swap_out(r)):
+            self.m.free(r)
+        r.num_computed_tokens = 0
+        self.waiting[rid] = r
+
+    @rule(**NEW_TOKENS)
+    def add(self, prefix, suffix, salt):
+        rid = self._new_id()
+        self.waiting[rid] = new_request(rid, prefix + suffix, salt)
+
+    @precondition(lambda self: self.running)
+    @rule(data=st.data())
+    def fork(self, data):
+        """A parallel sample of a running request: its tokens so far, its blocks shared (the manager's fork)."""
+        parent = self.running[data.draw(st.sampled_from(sorted(self.running)))]
+        rid = self._new_id()
+        child = Request(rid, parent.prompt_token_ids, parent.sampling_params, cache_salt=parent.cache_salt)
+        child.all_token_ids = list(parent.all_token_ids)
+        child.num_computed_tokens = parent.num_computed_tokens
+        self.m.fork(parent, child)
+        self.running[rid] = child
+
+
+class KVCacheMachine(RequestMachine):
     def __init__(self):
         super().__init__()
         self.B = 4
         self.num_blocks = 24
         self.m = KVCacheManager(self.num_blocks, self.B)
         self.slots = [None] * (self.num_blocks * self.B)
-        self.running: dict[str, Request] = {}
-        self.waiting: dict[str, Request] = {}
-        self.next_id = 0
 
     # -- the fake model runner -------------------------------------------------------------
     def _run(self, r: Request, n: int) -> None:
@@ -38,24 +83,7 @@ class KVCacheMachine(RuleBasedStateMachine):
         r.num_computed_tokens += n
         self.m.cache_blocks(r)  # the step completed: its full blocks become findable
 
-    def _preempt_newest(self) -> None:
-        rid = list(self.running)[-1]
-        r = self.running.pop(rid)
-        self.m.free(r)
-        r.num_computed_tokens = 0
-        self.waiting[rid] = r
-
     # -- rules ------------------------------------------------------------------------------
-    @rule(prefix=st.sampled_from(PREFIXES), suffix=st.lists(st.integers(0, 5), max_size=9),
-          salt=st.sampled_from([None, None, "t2"]))
-    def add(self, prefix, suffix, salt):
-        tokens = prefix + suffix
-        if not tokens:
-            tokens = [7]
-        rid = f"r{self.next_id}"
-        self.next_id += 1
-        self.waiting[rid] = Request(rid, tokens, SamplingParams(max_tokens=8), cache_salt=salt)
-
     @precondition(lambda self: self.waiting)
     @rule(data=st.data())
     def admit(self, data):
@@ -81,18 +109,6 @@ class KVCacheMachine(RuleBasedStateMachine):
             if rid not in self.running:
                 return
         self._run(r, 1)
-
-    @precondition(lambda self: self.running)
-    @rule(data=st.data())
-    def fork(self, data):
-        parent = self.running[data.draw(st.sampled_from(sorted(self.running)))]
-        rid = f"r{self.next_id}"
-        self.next_id += 1
-        child = Request(rid, parent.prompt_token_ids, parent.sampling_params, cache_salt=parent.cache_salt)
-        child.all_token_ids = list(parent.all_token_ids)
-        child.num_computed_tokens = parent.num_computed_tokens
-        self.m.fork(parent, child)
-        self.running[rid] = child
 
     @precondition(lambda self: self.waiting)
     @rule(data=st.data(), written=st.integers(0, 40))

@@ -3,18 +3,13 @@ random sequences of operations against a fake runner that moves token ids where 
 import hypothesis.strategies as st
 import pytest
 from hypothesis import settings
-from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+from hypothesis.stateful import invariant, precondition, rule
 
 from pagedserve.kv_cache import InvariantError, KVCacheManager
 from pagedserve.kv_cache.offload import OffloadTier
-from pagedserve.request import Request
-from pagedserve.sampling_params import SamplingParams
+from test_kv_cache_stateful import RequestMachine, new_request
 
 B = 4
-
-
-def req(rid, tokens, salt=None):
-    return Request(rid, list(tokens), SamplingParams(max_tokens=8), cache_salt=salt)
 
 
 # ---- the tier's index ----------------------------------------------------------------------------
@@ -96,14 +91,14 @@ def admit(m, r):
 
 def test_evicted_blocks_go_to_the_tier_and_come_back_as_loads():
     m = KVCacheManager(num_blocks=3, block_size=B, num_offload_blocks=4)
-    a = req("a", range(9))  # blocks 0, 1 full (cached), block 2 partial
+    a = new_request("a", range(9))  # blocks 0, 1 full (cached), block 2 partial
     admit(m, a)
     m.free(a)
-    b = req("b", range(100, 112))  # takes every block: a's cached 0 and 1 are evicted into the tier
+    b = new_request("b", range(100, 112))  # takes every block: a's cached 0 and 1 are evicted into the tier
     _, t = admit(m, b)
     assert t.offload == [(1, 0), (0, 1)] and t.load == []  # freed tail first: block 1 is reused before block 0
     m.free(b)
-    c = req("c", list(range(8)) + [42, 43])
+    c = new_request("c", list(range(8)) + [42, 43])
     prefix, t = admit(m, c)
     assert prefix.num_tokens == 8 and t.load and len(t.load) == 2
     assert m.offload_hits == 8 and m.prefix_cache_hits == 8
@@ -116,19 +111,19 @@ def test_evicted_blocks_go_to_the_tier_and_come_back_as_loads():
 
 def test_tier_keeps_tenants_apart():
     m = KVCacheManager(num_blocks=3, block_size=B, num_offload_blocks=4)
-    a = req("a", range(9), salt="tenant-1")
+    a = new_request("a", range(9), salt="tenant-1")
     admit(m, a)
     m.free(a)
-    admit(m, req("b", range(100, 112)))  # a's blocks now live only in the tier
+    admit(m, new_request("b", range(100, 112)))  # a's blocks now live only in the tier
     m.free("b")
-    assert m.get_computed_blocks(req("c", range(9), salt="tenant-2")).num_tokens == 0
-    assert m.get_computed_blocks(req("d", range(9))).num_tokens == 0
-    assert m.get_computed_blocks(req("e", range(9), salt="tenant-1")).num_tokens == 8
+    assert m.get_computed_blocks(new_request("c", range(9), salt="tenant-2")).num_tokens == 0
+    assert m.get_computed_blocks(new_request("d", range(9))).num_tokens == 0
+    assert m.get_computed_blocks(new_request("e", range(9), salt="tenant-1")).num_tokens == 8
 
 
 def test_swap_out_parks_every_computed_block_and_restores_them():
     m = KVCacheManager(num_blocks=6, block_size=B, num_offload_blocks=8)
-    a = req("a", range(10))
+    a = new_request("a", range(10))
     admit(m, a)  # 10 tokens computed: blocks of 4, 4 and 2
     a.append_output_token(77)
     assert m.swap_out(a)
@@ -155,7 +150,7 @@ def t_partial_slot(prefix):
 
 def test_swap_out_without_room_changes_nothing():
     m = KVCacheManager(num_blocks=6, block_size=B, num_offload_blocks=2)
-    a = req("a", range(10))
+    a = new_request("a", range(10))
     admit(m, a)
     a.append_output_token(1)
     table = m.get_block_ids("a")
@@ -166,7 +161,7 @@ def test_swap_out_without_room_changes_nothing():
 
 def test_swap_out_in_a_failed_step_falls_back_to_recompute():
     m = KVCacheManager(num_blocks=6, block_size=B, num_offload_blocks=8)
-    a = req("a", range(6))
+    a = new_request("a", range(6))
     admit(m, a)
     a.append_output_token(1)
     assert m.swap_out(a)
@@ -181,34 +176,33 @@ def test_swap_out_in_a_failed_step_falls_back_to_recompute():
 
 def test_a_failed_step_leaves_no_tier_entry():
     m = KVCacheManager(num_blocks=3, block_size=B, num_offload_blocks=4)
-    a = req("a", range(9))
+    a = new_request("a", range(9))
     admit(m, a)
     m.free(a)
-    b = req("b", range(100, 112))
+    b = new_request("b", range(100, 112))
     prefix = m.get_computed_blocks(b)
     m.allocate_slots(b, 12, prefix)
     assert m.take_transfers().offload  # a's blocks were to be written to the tier by this step...
     m.end_step(ok=False)  # ... which failed
     m.free(b)
-    assert len(m.tier) == 0 and m.get_computed_blocks(req("c", range(9))).num_tokens == 0
+    assert len(m.tier) == 0 and m.get_computed_blocks(new_request("c", range(9))).num_tokens == 0
     m.check_invariants()
 
 
 def test_reset_prefix_cache_clears_the_tier_too():
     m = KVCacheManager(num_blocks=3, block_size=B, num_offload_blocks=4)
-    admit(m, req("a", range(9)))
+    admit(m, new_request("a", range(9)))
     m.free("a")
-    admit(m, req("b", range(100, 112)))
+    admit(m, new_request("b", range(100, 112)))
     m.free("b")
     assert len(m.tier) == 2
     assert m.reset_prefix_cache() == 3 + 2 and len(m.tier) == 0  # b's three blocks in the pool, a's two in the tier
 
 
 # ---- random operations against a fake runner ----------------------------------------------------------
-PREFIXES = [list(range(100, 124)), list(range(200, 213)), []]
 
 
-class OffloadMachine(RuleBasedStateMachine):
+class OffloadMachine(RequestMachine):
     """Each rule is one step. The fake runner keeps a token id per pool slot and per tier slot and runs a
     step's transfers in the runner's order (offload, load, copy) before writing the step's tokens. After
     every step each running request must read back exactly its tokens: tier hits, swaps, evictions into the
@@ -220,9 +214,6 @@ class OffloadMachine(RuleBasedStateMachine):
         self.m = KVCacheManager(self.num_blocks, B, num_offload_blocks=self.num_slots)
         self.pool = [None] * (self.num_blocks * B)
         self.tier = [[None] * B for _ in range(self.num_slots)]
-        self.running: dict[str, Request] = {}
-        self.waiting: dict[str, Request] = {}
-        self.next_id = 0
 
     def _transfers(self, garbage=False):
         t = self.m.take_transfers()
@@ -244,21 +235,6 @@ class OffloadMachine(RuleBasedStateMachine):
         r.num_computed_tokens += n
         self.m.cache_blocks(r)
         self.m.end_step(ok=True)
-
-    def _preempt_newest(self, swap):
-        rid = list(self.running)[-1]
-        r = self.running.pop(rid)
-        if not (swap and self.m.swap_out(r)):
-            self.m.free(r)
-        r.num_computed_tokens = 0
-        self.waiting[rid] = r
-
-    @rule(prefix=st.sampled_from(PREFIXES), suffix=st.lists(st.integers(0, 5), max_size=9),
-          salt=st.sampled_from([None, None, "t2"]))
-    def add(self, prefix, suffix, salt):
-        rid = f"r{self.next_id}"
-        self.next_id += 1
-        self.waiting[rid] = req(rid, prefix + suffix or [7], salt)
 
     @precondition(lambda self: self.waiting)
     @rule(data=st.data())
@@ -322,18 +298,6 @@ class OffloadMachine(RuleBasedStateMachine):
             for r, _ in admitted:
                 self.m.free(self.running.pop(r.request_id))
                 r.num_computed_tokens = 0
-
-    @precondition(lambda self: self.running)
-    @rule(data=st.data())
-    def fork(self, data):
-        parent = self.running[data.draw(st.sampled_from(sorted(self.running)))]
-        rid = f"r{self.next_id}"
-        self.next_id += 1
-        child = req(rid, parent.prompt_token_ids, parent.cache_salt)
-        child.all_token_ids = list(parent.all_token_ids)
-        child.num_computed_tokens = parent.num_computed_tokens
-        self.m.fork(parent, child)
-        self.running[rid] = child
 
     @precondition(lambda self: self.running)
     @rule(data=st.data())
@@ -407,21 +371,21 @@ def test_a_swap_finds_the_room_it_counted_after_evictions_in_the_same_step():
     once raised: the tier counted as evictable an entry sitting behind one stored by the same step.)"""
     m = KVCacheManager(num_blocks=8, block_size=B, num_offload_blocks=3)
     for rid, base in (("x", 0), ("e1", 100), ("e2", 200)):
-        admit(m, req(rid, range(base, base + 5)))
+        admit(m, new_request(rid, range(base, base + 5)))
         m.free(rid)
-    big = req("big", range(1000, 1032))
+    big = new_request("big", range(1000, 1032))
     m.allocate_slots(big, 32, m.get_computed_blocks(big))  # x, e1, e2 go to the tier
     m.take_transfers()
     m.end_step(ok=True)
     m.free("big")
-    admit(m, req("x2", range(0, 5)))     # x comes back from the tier and is cached in the pool again
-    admit(m, req("f", range(300, 305)))  # a cached block the tier does not have
-    v = req("v", range(500, 506))
+    admit(m, new_request("x2", range(0, 5)))     # x comes back from the tier and is cached in the pool again
+    admit(m, new_request("f", range(300, 305)))  # a cached block the tier does not have
+    v = new_request("v", range(500, 506))
     admit(m, v)
     v.append_output_token(7)
     m.free("f")
     m.free("x2")
-    g = req("g", range(700, 724))
+    g = new_request("g", range(700, 724))
     assert m.allocate_slots(g, g.num_tokens, m.get_computed_blocks(g)) is not None  # evicts f, then x
     assert m.tier.num_available == 2
     assert m.swap_out(v)  # one full block and one partial: two new entries
